@@ -1,0 +1,209 @@
+"""Every Parquet schema of m3dr: the only module that names columns.
+
+Images use the Hugging Face ``datasets`` Image layout (``struct<bytes: binary, path: string>``, PNG
+bytes) so ``datasets.load_dataset("parquet", ...)`` shows PIL images with no conversion. Schema
+metadata carries a ``huggingface`` feature description for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+# Our own layout label vocabulary; every layout backend maps its classes into it.
+LABELS: tuple[str, ...] = (
+    "title",
+    "text",
+    "list",
+    "caption",
+    "header",
+    "footer",
+    "reference",
+    "figure",
+    "table",
+    "formula",
+    "abandon",
+)
+# Text-like regions get translated and re-rendered; the rest stay as pixels.
+TRANSLATABLE_LABELS: frozenset[str] = frozenset(
+    {"title", "text", "list", "caption", "header", "footer", "reference"}
+)
+
+REGION_TYPE = pa.struct(
+    [
+        ("label", pa.string()),
+        ("bbox", pa.list_(pa.float32(), 4)),  # x0, y0, x1, y1 in page-image pixels
+        ("score", pa.float32()),
+        ("text", pa.string()),  # English source text (en pages) or translated text (other langs)
+        ("translatable", pa.bool_()),
+        ("rendered", pa.bool_()),  # False when the region kept its original pixels
+    ]
+)
+
+PAGES_SCHEMA = pa.schema(
+    [
+        ("page_id", pa.string()),  # content hash; translations: hash(en page_id, lang, render config)
+        ("source_page_id", pa.string()),  # the English original's page_id (itself for en)
+        ("source_id", pa.string()),  # hash of the source file bytes
+        ("source_uri", pa.string()),  # where the source came from (relative path or URI)
+        ("page_index", pa.int32()),  # 0-based page number inside the source
+        ("lang", pa.string()),  # ISO 639-1 code from tasks.languages
+        ("image", IMAGE_TYPE),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("regions", pa.list_(REGION_TYPE)),
+        ("text", pa.string()),  # region texts in reading order, joined by blank lines
+        ("text_source", pa.string()),  # pdf | ocr | translation
+        ("layout_model", pa.string()),
+        ("translation_model", pa.string()),  # empty for en
+        ("config_hash", pa.string()),
+        ("pdf", pa.binary()),  # optional one-page PDF with a shaped text layer (--formats pdf)
+    ],
+    metadata={
+        "m3dr.schema": "pages",
+        "m3dr.schema_version": SCHEMA_VERSION,
+        "huggingface": json.dumps(
+            {"info": {"features": {"image": {"_type": "Image"}}}}, separators=(",", ":")
+        ),
+    },
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),  # ingest | layout | extract | translate | render | config
+        ("input_ref", pa.string()),  # source path, page_id or language code the reject is about
+        ("lang", pa.string()),
+        ("reason", pa.string()),  # a stable reason code (see RejectReason)
+        ("message", pa.string()),  # human readable detail
+    ],
+    metadata={"m3dr.schema": "rejects", "m3dr.schema_version": SCHEMA_VERSION},
+)
+
+
+class RejectReason:
+    """Stable reason codes for the rejects table (grouped on in artifacts)."""
+
+    UNREADABLE = "unreadable_file"
+    EMPTY_FILE = "empty_file"
+    ENCRYPTED_PDF = "encrypted_pdf"
+    IMAGE_TOO_LARGE = "image_too_large"
+    UNSUPPORTED_TYPE = "unsupported_type"
+    UNKNOWN_LANGUAGE = "unknown_language"
+    NO_TEXT = "no_text"
+    GLYPH_COVERAGE = "glyph_coverage"
+    TEXT_DOES_NOT_FIT = "text_does_not_fit"
+    TRANSLATION_FAILED = "translation_failed"
+    PDF_FAILED = "pdf_failed"
+
+
+@dataclass
+class Region:
+    label: str
+    bbox: tuple[float, float, float, float]
+    score: float
+    text: str = ""
+    translatable: bool = False
+    rendered: bool = False
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Region:
+        return cls(
+            label=row["label"],
+            bbox=tuple(float(v) for v in row["bbox"]),  # type: ignore[arg-type]
+            score=float(row["score"]),
+            text=row["text"] or "",
+            translatable=bool(row["translatable"]),
+            rendered=bool(row["rendered"]),
+        )
+
+
+@dataclass
+class Reject:
+    stage: str
+    input_ref: str
+    reason: str
+    message: str
+    lang: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PageRecord:
+    """One row of a pages shard."""
+
+    page_id: str
+    source_page_id: str
+    source_id: str
+    source_uri: str
+    page_index: int
+    lang: str
+    image_png: bytes
+    width: int
+    height: int
+    regions: list[Region] = field(default_factory=list)
+    text_source: str = "pdf"
+    layout_model: str = ""
+    translation_model: str = ""
+    config_hash: str = ""
+    pdf: bytes | None = None
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(r.text for r in self.regions if r.text and r.label != "abandon")
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "page_id": self.page_id,
+            "source_page_id": self.source_page_id,
+            "source_id": self.source_id,
+            "source_uri": self.source_uri,
+            "page_index": self.page_index,
+            "lang": self.lang,
+            "image": {"bytes": self.image_png, "path": f"{self.page_id}.png"},
+            "width": self.width,
+            "height": self.height,
+            "regions": [asdict(r) | {"bbox": list(r.bbox)} for r in self.regions],
+            "text": self.text,
+            "text_source": self.text_source,
+            "layout_model": self.layout_model,
+            "translation_model": self.translation_model,
+            "config_hash": self.config_hash,
+            "pdf": self.pdf,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PageRecord:
+        return cls(
+            page_id=row["page_id"],
+            source_page_id=row["source_page_id"],
+            source_id=row["source_id"],
+            source_uri=row["source_uri"],
+            page_index=int(row["page_index"]),
+            lang=row["lang"],
+            image_png=row["image"]["bytes"],
+            width=int(row["width"]),
+            height=int(row["height"]),
+            regions=[Region.from_row(r) for r in row["regions"]],
+            text_source=row["text_source"],
+            layout_model=row["layout_model"],
+            translation_model=row["translation_model"],
+            config_hash=row["config_hash"],
+            pdf=row.get("pdf"),
+        )
+
+
+def pages_table(records: list[PageRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in records], schema=PAGES_SCHEMA)
+
+
+def rejects_table(rejects: list[Reject]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in rejects], schema=REJECTS_SCHEMA)
