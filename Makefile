@@ -1,0 +1,61 @@
+# m3dr — one-command set-up: `make demo` runs the main job, `make test` runs the test suite.
+# Both create the virtualenv, install torch (CPU use, from the local wheel cache), the project,
+# and build the tiny offline models on first use.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out/demo
+DEMO_LANGS ?= hi,ar,zh,ta,th,ru,es
+PYTEST_ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export M3DR_MODELS ?= $(CURDIR)/models
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help venv models demo test lint format bench clean
+
+help:
+	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT)"
+	@echo "make test   - set up, build tiny models, lint and run the test suite"
+	@echo "make models - build the tiny offline models into $(M3DR_MODELS)"
+	@echo "make bench  - performance scripts (ratios measured side by side)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build from the index.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	@$(BIN)/python -c "from PIL import features; import sys; \
+	  sys.exit(0 if features.check('raqm') else 'Pillow has no raqm layout: apt-get install libfribidi0')"
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(M3DR_MODELS)/.tiny-built: $(VENV)/.installed tasks/recipes.py assets/profiles/tiny.toml
+	$(BIN)/m3dr models build --profile tiny
+	touch $@
+
+models: $(M3DR_MODELS)/.tiny-built
+
+demo: models
+	time $(BIN)/m3dr synthesize --sources assets/samples --langs $(DEMO_LANGS) --profile tiny --out $(OUT)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: models lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: models
+	$(BIN)/python benchmarks/translate.py
+
+clean:
+	rm -rf out .prefect .pytest_cache .ruff_cache

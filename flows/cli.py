@@ -1,0 +1,133 @@
+"""`m3dr` command line: run flows locally (ephemeral Prefect), build tiny models, inspect registries."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(help="m3dr: multilingual document-retrieval data factory.", no_args_is_help=True)
+models_app = typer.Typer(help="Build and list models of a profile.", no_args_is_help=True)
+fonts_app = typer.Typer(help="Bundled fonts.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(fonts_app, name="fonts")
+
+
+@app.command()
+def synthesize(
+    sources: Annotated[
+        str, typer.Option(help="Directory, glob or .txt list of PDF/image files.")
+    ] = "assets/samples",
+    langs: Annotated[str, typer.Option(help="Comma-separated ISO codes or 'all'.")] = "hi,ar,zh,ta,th,ru",
+    profile: Annotated[str, typer.Option(help="Profile name (assets/profiles) or TOML path.")] = "tiny",
+    out: Annotated[str, typer.Option(help="Output root.")] = "out/demo",
+    formats: Annotated[str, typer.Option(help="png, or png,pdf for PDFs with a text layer too.")] = "png",
+    pages_per_shard: Annotated[int, typer.Option(help="Pages per shard (one Prefect task each).")] = 512,
+    workers: Annotated[int, typer.Option(help="Parallel shard tasks (threads).")] = 2,
+    no_build: Annotated[
+        bool, typer.Option("--no-build", help="Fail instead of building missing models.")
+    ] = False,
+) -> None:
+    """Run the synthesize flow: English pages → layout → text → translation → re-rendered pages."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.synthesize import SynthesizeParams
+    from flows.synthesize import synthesize as flow
+
+    fmts = sorted({f.strip() for f in formats.split(",") if f.strip()} | {"png"})
+    bad = [f for f in fmts if f not in ("png", "pdf")]
+    if bad:
+        raise typer.BadParameter(f"unknown format(s) {bad}; use png and/or pdf", param_hint="--formats")
+    params = SynthesizeParams(
+        sources=sources,
+        langs=langs,
+        profile=profile,
+        out=out,
+        formats=fmts,
+        pages_per_shard=pages_per_shard,
+        build_models=not no_build,
+    )
+    result = flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(params)
+    typer.echo("")
+    typer.echo(f"pages per language : {json.dumps(result['pages_per_lang'])}")
+    typer.echo(f"rejects by reason  : {json.dumps(result['rejects_by_reason'])}")
+    typer.echo(f"shards             : {result['out']}/pages/<lang>/*.parquet")
+    typer.echo(f"manifest           : {result['manifest']}")
+    typer.echo(f"rejects table      : {result['rejects_dir']}/*.parquet")
+    typer.echo(f"artifact           : {result['artifact']} (and 'synthesize-summary' in Prefect)")
+    typer.echo(f"shard tasks        : {len(result['shards'])} ({result['shards_worked']} did work)")
+
+
+@models_app.command("build")
+def models_build(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Recipe names; default: the profile's list.")
+    ] = None,
+    profile: Annotated[str, typer.Option(help="Profile whose [recipes].build list to build.")] = "tiny",
+    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
+) -> None:
+    """Build tiny local models (production classes, small configs) into the model cache."""
+    from tasks.models import build_recipe, load_profile
+
+    todo = names or load_profile(profile).get("recipes", {}).get("build", [])
+    for name in todo:
+        typer.echo(f"building {name} …")
+        path = build_recipe(name, force=force)
+        typer.echo(f"  {name}: {path}")
+
+
+@models_app.command("list")
+def models_list(profile: Annotated[str, typer.Option(help="Profile to show.")] = "tiny") -> None:
+    """Show each stage's engine and model source of a profile and whether it resolves here."""
+    from tasks.models import ModelSourceError, load_profile, resolve_source
+
+    prof = load_profile(profile)
+    for stage, cfg in prof.items():
+        if not isinstance(cfg, dict) or "engine" not in cfg:
+            continue
+        source = cfg.get("model", "(bundled with the engine)")
+        state = "bundled"
+        if "model" in cfg:
+            try:
+                state = str(resolve_source(cfg["model"]))
+            except ModelSourceError as exc:
+                state = f"missing: {exc}"
+        typer.echo(f"{stage:10s} {cfg['engine']:14s} {source}\n{'':25s}→ {state}")
+
+
+@app.command("languages")
+def languages_cmd() -> None:
+    """List the 22 languages with FLORES-200 code, script, direction and fonts."""
+    from tasks.languages import LANGUAGES
+
+    for lang in LANGUAGES.values():
+        typer.echo(
+            f"{lang.iso:3s} {lang.flores:9s} {lang.script:5s} {lang.direction:4s} "
+            f"{lang.name:22s} {', '.join(lang.fonts)}"
+        )
+
+
+@fonts_app.command("verify")
+def fonts_verify() -> None:
+    """Check every bundled font file against fonts/fonts.toml (sha256)."""
+    from tasks.fonts import verify_fonts
+
+    try:
+        specs = verify_fonts()
+    except Exception as exc:
+        typer.echo(f"font check failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"{len(specs)} font families OK")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="m3dr")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

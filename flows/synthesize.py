@@ -1,0 +1,174 @@
+"""`synthesize` flow (pages half): English sources → English pages shards → translated pages shards.
+
+Orchestration only: what runs after what, one Prefect task per shard, artifacts. The work lives in
+:mod:`tasks.pages`; every task reads and writes shards by path, so no page data crosses Prefect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from tasks import languages
+from tasks.models import build_recipe, load_profile
+from tasks.pages import (
+    ingest_base_hash,
+    ingest_config,
+    ingest_shard_task,
+    lang_shard_name,
+    model_fingerprint,
+    plan_en_shards,
+    scan_sources,
+    translate_config,
+    translate_shard_task,
+)
+from tasks.report import summarize_run, summary_markdown
+from tasks.schema import Reject, RejectReason
+from tasks.shards import Manifest, commit_rejects, config_hash, write_bytes_atomic
+
+DEFAULT_LANGS = "hi,ar,zh,ta,th,ru"
+
+
+class SynthesizeParams(BaseModel):
+    """Parameters of the `synthesize` flow (rendered as a form in the Prefect UI)."""
+
+    sources: str = Field("assets/samples", description="Directory, glob, or .txt list of PDF/image files.")
+    langs: str = Field(
+        DEFAULT_LANGS,
+        description=f"Comma-separated ISO codes, or 'all' ({', '.join(languages.ALL_LANGS)}).",
+    )
+    profile: str = Field("tiny", description="Model profile name (assets/profiles/*.toml) or a TOML path.")
+    out: str = Field("out/demo", description="Output root: shards, manifest, rejects, artifacts.")
+    formats: list[Literal["png", "pdf"]] = Field(
+        default_factory=lambda: ["png"],
+        description="png: page images (always); pdf: also a one-page PDF with a shaped text layer.",
+    )
+    pages_per_shard: int = Field(512, ge=1, le=8192, description="Pages per shard (= per Prefect task).")
+    build_models: bool = Field(True, description="Build missing local recipe models before starting.")
+
+
+def prepare_models(profile: dict[str, Any], build: bool) -> dict[str, str]:
+    """Build missing recipe models (if allowed) and fingerprint every stage's model once per run."""
+    if build:
+        for stage in ("layout", "translate"):
+            source = profile.get(stage, {}).get("model", "")
+            if source.startswith("recipe:"):
+                build_recipe(source.split(":", 1)[1])
+    return {
+        "layout": model_fingerprint(ingest_config(profile)["layout"]),
+        "translate": model_fingerprint(translate_config(profile, [])["translate"]),
+    }
+
+
+@flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
+    """Make English and translated pages shards for every source; returns counts and paths."""
+    params = params or SynthesizeParams()
+    logger = get_run_logger()
+    root = Path(params.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(params.profile)
+    langs, unknown = languages.parse_langs(params.langs)
+    fps = prepare_models(profile, params.build_models)
+    manifest = Manifest(root)
+
+    if unknown:
+        commit_rejects(
+            root,
+            [
+                Reject(
+                    "config",
+                    code,
+                    RejectReason.UNKNOWN_LANGUAGE,
+                    f"unknown language code {code!r}; supported: {', '.join(languages.ALL_LANGS)}",
+                    code,
+                )
+                for code in unknown
+            ],
+            name=f"rejects-config-{config_hash(unknown)}",
+            cfg_hash=config_hash(unknown),
+        )
+        logger.warning("skipping unknown language codes: %s", ", ".join(unknown))
+
+    refs = scan_sources(params.sources)
+    ingest_base = ingest_base_hash(profile, fps["layout"])
+    done = {
+        sid
+        for e in manifest.shards("pages", "en")
+        if e.extra.get("ingest_base") == ingest_base
+        for sid in e.sources
+    }
+    plan = plan_en_shards(refs, params.pages_per_shard, done)
+    logger.info(
+        "%d sources, %d already done, %d new English shards, languages: %s",
+        len(refs),
+        len(done & {r.source_id for r in refs}),
+        len(plan),
+        ",".join(langs),
+    )
+
+    ingest_futures = {
+        name: ingest_shard_task.submit(str(root), name, group, profile, {"layout": fps["layout"]})
+        for name, group in plan.items()
+    }
+    en_shards = sorted(
+        set(ingest_futures)
+        | {
+            e.name
+            for e in manifest.shards("pages", "en")
+            if e.extra.get("ingest_base") == ingest_base and set(e.sources) & {r.source_id for r in refs}
+        }
+    )
+    translate_futures = [
+        translate_shard_task.submit(
+            str(root),
+            en,
+            lang,
+            profile,
+            list(params.formats),
+            {"translate": fps["translate"]},
+            wait_for=[ingest_futures[en]] if en in ingest_futures else [],
+        )
+        for en in en_shards
+        for lang in langs
+    ]
+    futures = list(ingest_futures.values()) + translate_futures
+    progress_id = create_progress_artifact(0.0, key="synthesize-progress", description="shards done")
+    results: list[dict[str, Any]] = []
+    with tqdm(total=len(futures), desc="shards", unit="shard", disable=None) as bar:
+        for fut in as_completed(futures):
+            results.append(fut.result())
+            bar.update(1)
+            update_progress_artifact(progress_id, 100.0 * len(results) / max(len(futures), 1))
+
+    summary = summarize_run(root, gallery_langs=["en", *langs])
+    md = summary_markdown(summary)
+    write_bytes_atomic(
+        summary_markdown(summary, embed_images=False).encode(), root / "artifacts" / "summary.md"
+    )
+    create_markdown_artifact(md, key="synthesize-summary", description="pages per language, rejects, gallery")
+    worked = [r for r in results if not r["skipped"]]
+    logger.info(
+        "%d shard tasks, %d did work, %d skipped (complete in manifest)",
+        len(results),
+        len(worked),
+        len(results) - len(worked),
+    )
+    return {
+        "out": str(root),
+        "pages_per_lang": summary.pages_per_lang,
+        "rejects_by_reason": summary.rejects_by_reason,
+        "shards": sorted(results, key=lambda r: r["name"]),
+        "shards_worked": len(worked),
+        "manifest": str(manifest.path),
+        "rejects_dir": str(root / "rejects"),
+        "artifact": str(root / "artifacts" / "summary.md"),
+        "lang_shards": {lang: [lang_shard_name(en, lang) for en in en_shards] for lang in langs},
+    }

@@ -1,0 +1,68 @@
+"""Shared fixtures: the tiny models (built once into the model cache), a Prefect test harness, inputs."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "assets" / "samples"
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """Build (or reuse) the tiny recipes of the `tiny` profile in the shared model cache."""
+    from tasks.models import build_recipe, load_profile
+
+    names = load_profile("tiny")["recipes"]["build"]
+    return {name: build_recipe(name) for name in names}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A throw-away Prefect API (temporary SQLite database) for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width``×``height`` (decompression-bomb input, cheap to make)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def encrypted_pdf_bytes() -> bytes:
+    from reportlab.pdfgen import canvas
+
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf, encrypt="secret-password")
+    c.drawString(72, 720, "This page is password protected.")
+    c.save()
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_sources(tmp_path: Path) -> Path:
+    """A directory of broken inputs, one per reject reason the ingest stage must report."""
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "empty.pdf").write_bytes(b"")
+    (d / "corrupt.png").write_bytes(png_with_header_size(64, 64)[:30] + b"garbage" * 10)
+    (d / "huge.png").write_bytes(png_with_header_size(30000, 30000))
+    (d / "locked.pdf").write_bytes(encrypted_pdf_bytes())
+    return d
