@@ -1,0 +1,134 @@
+"""End-to-end `synthesize` (pages half) on real engines and the tiny profile, through Prefect."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+def _small_sources(tmp_path: Path, bad: Path) -> Path:
+    """Two bundled sample pages (one born-digital PDF, one image) plus every broken input."""
+    src = tmp_path / "sources"
+    src.mkdir()
+    pdfs = sorted(SAMPLES.glob("*.pdf"))
+    images = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    assert pdfs and images, "bundled samples missing"
+    shutil.copy(pdfs[0], src / pdfs[0].name)
+    shutil.copy(images[0], src / images[0].name)
+    for f in bad.iterdir():
+        shutil.copy(f, src / f.name)
+    return src
+
+
+def _run(sources: Path, out: Path, langs: str = "hi,ar,xx", formats: tuple[str, ...] = ("png",)):
+    from flows.synthesize import SynthesizeParams, synthesize
+
+    return synthesize(
+        SynthesizeParams(
+            sources=str(sources), langs=langs, out=str(out), formats=list(formats), pages_per_shard=64
+        )
+    )
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("pages/*/*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def flow_runs(tmp_path_factory, tiny_models, prefect_harness):
+    """Run the flow twice into one output root, and once into a second root, on the same inputs."""
+    from tests.conftest import encrypted_pdf_bytes, png_with_header_size
+
+    tmp = tmp_path_factory.mktemp("flow")
+    bad = tmp / "bad"
+    bad.mkdir()
+    (bad / "empty.pdf").write_bytes(b"")
+    (bad / "corrupt.png").write_bytes(png_with_header_size(64, 64)[:30] + b"garbage" * 10)
+    (bad / "huge.png").write_bytes(png_with_header_size(30000, 30000))
+    (bad / "locked.pdf").write_bytes(encrypted_pdf_bytes())
+    sources = _small_sources(tmp, bad)
+    first = _run(sources, tmp / "out-a")
+    bytes_after_first = _shard_bytes(tmp / "out-a")
+    import tasks.pages as pages
+
+    pages._detector.cache_clear()
+    pages._translator.cache_clear()
+    second = _run(sources, tmp / "out-a")
+    models_loaded_in_second = pages._detector.cache_info().currsize + pages._translator.cache_info().currsize
+    third = _run(sources, tmp / "out-b")
+    return {
+        "tmp": tmp,
+        "first": first,
+        "second": second,
+        "third": third,
+        "bytes_first": bytes_after_first,
+        "models_loaded_in_second": models_loaded_in_second,
+    }
+
+
+def test_first_run_writes_english_and_translated_shards(flow_runs):
+    first = flow_runs["first"]
+    assert first["pages_per_lang"]["en"] >= 2
+    assert first["pages_per_lang"].get("hi", 0) >= 1
+    assert first["pages_per_lang"].get("ar", 0) >= 1
+    out = Path(first["out"])
+    for lang in ("en", "hi", "ar"):
+        files = list(out.glob(f"pages/{lang}/*.parquet"))
+        assert files, lang
+    en = pq.read_table(next(out.glob("pages/en/*.parquet"))).to_pylist()
+    hi = pq.read_table(next(out.glob("pages/hi/*.parquet"))).to_pylist()
+    en_ids = {r["page_id"] for r in en}
+    assert all(r["source_page_id"] in en_ids for r in hi), "every translation points at its English page"
+    assert all(r["page_id"] not in en_ids for r in hi)
+    assert any(r["translatable"] and r["rendered"] for p in hi for r in p["regions"])
+    assert Path(first["artifact"]).read_text().count("| hi |") == 1
+
+
+def test_bad_inputs_end_as_rejects_and_the_run_completes(flow_runs):
+    from tasks.shards import read_rejects
+
+    rejects = read_rejects(Path(flow_runs["first"]["out"])).to_pylist()
+    by_ref = {r["input_ref"]: r["reason"] for r in rejects}
+    assert by_ref["empty.pdf"] == "empty_file"
+    assert by_ref["corrupt.png"] == "unreadable_file"
+    assert by_ref["huge.png"] == "image_too_large"
+    assert by_ref["locked.pdf"] == "encrypted_pdf"
+    assert by_ref["xx"] == "unknown_language"
+    assert all(r["message"] for r in rejects), "every reject carries a readable message"
+
+
+def test_second_run_does_no_stage_work_and_changes_no_bytes(flow_runs):
+    second = flow_runs["second"]
+    assert second["shards_worked"] == 0
+    assert all(s["skipped"] for s in second["shards"])
+    assert flow_runs["models_loaded_in_second"] == 0, "no model was even loaded"
+    assert _shard_bytes(Path(second["out"])) == flow_runs["bytes_first"]
+
+
+def test_fresh_run_on_same_input_is_byte_identical(flow_runs):
+    a = flow_runs["bytes_first"]
+    b = _shard_bytes(Path(flow_runs["third"]["out"]))
+    assert a.keys() == b.keys()
+    assert a == b
+
+
+def test_translated_pages_load_with_datasets(flow_runs):
+    import datasets
+    from PIL import Image
+
+    out = Path(flow_runs["first"]["out"])
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=[str(p) for p in out.glob("pages/*/*.parquet")],
+        split="train",
+        cache_dir=str(flow_runs["tmp"] / "hf"),
+    )
+    assert isinstance(ds[0]["image"], Image.Image)
+    assert set(ds["lang"]) >= {"en", "hi", "ar"}
