@@ -77,13 +77,57 @@ PAGES_SCHEMA = pa.schema(
 
 REJECTS_SCHEMA = pa.schema(
     [
-        ("stage", pa.string()),  # ingest | layout | extract | translate | render | config
+        ("stage", pa.string()),  # ingest | translate | render | config | queries | negatives
         ("input_ref", pa.string()),  # source path, page_id or language code the reject is about
         ("lang", pa.string()),
         ("reason", pa.string()),  # a stable reason code (see RejectReason)
         ("message", pa.string()),  # human readable detail
     ],
     metadata={"m3dr.schema": "rejects", "m3dr.schema_version": SCHEMA_VERSION},
+)
+
+
+QUERY_KINDS: tuple[str, ...] = ("factual", "keyword", "paraphrase", "phrase", "summary")
+SPLITS: tuple[str, ...] = ("train", "dev", "benchmark")
+
+QUERIES_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),  # hash(query text, query_lang, page_id, generator, prompt_version)
+        ("query", pa.string()),
+        ("query_lang", pa.string()),  # language the query is written in
+        ("kind", pa.string()),  # one of QUERY_KINDS
+        ("page_id", pa.string()),  # the positive page (in target_lang)
+        ("target_lang", pa.string()),  # language of the positive page; != query_lang for cross-lingual
+        ("cross_lingual", pa.bool_()),
+        ("source_page_id", pa.string()),  # English original of the positive page (the parallel group)
+        ("source_id", pa.string()),  # source document (splits are by source document)
+        ("split", pa.string()),  # one of SPLITS
+        ("generator", pa.string()),  # engine:model that wrote the query
+        ("prompt_version", pa.string()),  # version of assets/prompts/* used ('' for extractive)
+    ],
+    metadata={"m3dr.schema": "queries", "m3dr.schema_version": SCHEMA_VERSION},
+)
+
+TRAIN_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("query", pa.string()),
+        ("query_lang", pa.string()),
+        ("kind", pa.string()),
+        ("positive_page_id", pa.string()),
+        ("positive_lang", pa.string()),
+        ("source_page_id", pa.string()),
+        ("source_id", pa.string()),
+        ("parallel_page_ids", pa.list_(pa.string())),  # every page of the parallel group (never negatives)
+        ("negative_page_ids", pa.list_(pa.string())),  # empty for the in-batch miner
+        ("negative_scores", pa.list_(pa.float32())),
+        ("positive_score", pa.float32()),  # miner's score of the positive (nan for in-batch)
+        ("miner", pa.string()),  # in-batch | bm25 | dense:<model> (+ options)
+        ("split", pa.string()),
+        ("generator", pa.string()),
+        ("prompt_version", pa.string()),
+    ],
+    metadata={"m3dr.schema": "train", "m3dr.schema_version": SCHEMA_VERSION},
 )
 
 
@@ -101,6 +145,12 @@ class RejectReason:
     TEXT_DOES_NOT_FIT = "text_does_not_fit"
     TRANSLATION_FAILED = "translation_failed"
     PDF_FAILED = "pdf_failed"
+    QUERY_WRONG_LANGUAGE = "query_wrong_language"
+    QUERY_LENGTH = "query_length"
+    QUERY_DUPLICATE = "query_duplicate"
+    QUERY_COPIED = "query_copied_from_page"
+    QUERY_INJECTION = "query_injection"
+    QUERY_GENERATION_FAILED = "query_generation_failed"
 
 
 @dataclass
