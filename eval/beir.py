@@ -745,7 +745,7 @@ def write_parquet(
 
 
 def write_beir(bench: Benchmark, out: Path | str, *, split: str = "test", overwrite: bool = False) -> Path:
-    """Write the BEIR layout (corpus.jsonl with ``image`` paths, images/, queries.jsonl, qrels). Returns ``out``."""
+    """Write the BEIR layout (corpus.jsonl + ``image`` paths, images/, queries.jsonl, qrels); returns out."""
     bench.validate()
     out = Path(out)
     with _atomic_dir(out, overwrite) as tmp:

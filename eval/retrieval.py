@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -47,7 +48,7 @@ def dense_topk(
     device: str | torch.device = "cpu",
     upcast: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-k: ``queries [nq, d]`` × ``docs [nd, d]`` → ``(scores [nq, k'], indices [nq, k'])``.
+    """Exact inner-product top-k: ``queries [nq, d]``, ``docs [nd, d]`` → ``scores, indices [nq, k']``.
 
     ``k' = min(k, nd)``; rows are sorted by score descending (order among exactly tied scores is
     unspecified). Work is tiled into ``[batch_size, doc_batch_size]`` score blocks whose top-k are
@@ -142,13 +143,18 @@ def pad_multivectors(seqs: Sequence[TensorLike]) -> tuple[torch.Tensor, torch.Te
     return out, mask
 
 
-def maxsim_peak_bytes(query_chunk: int, doc_chunk: int, lq: int, ld: int, itemsize: int = 4) -> int:
-    """Bytes of the one ``[query_chunk, lq, doc_chunk, ld]`` similarity block MaxSim holds at a time.
+def maxsim_peak_bytes(
+    query_chunk: int, doc_chunk: int, lq: int, ld: int, dim: int = 0, itemsize: int = 4
+) -> int:
+    """Peak working memory of maxsim_scores beyond its inputs and ``[nq, nd]`` output, in bytes.
 
-    The block is masked in place and reduced to ``[query_chunk, lq, doc_chunk]``, so this (plus the
-    small reductions and one doc chunk copy) is the peak memory beyond the inputs and the output.
+    Dominated by the one ``[query_chunk, lq, doc_chunk, ld]`` similarity buffer (allocated once,
+    reused, reduced to ``[query_chunk, lq, doc_chunk]``); with ``dim`` it adds the query chunk
+    copies (``2 × [query_chunk, lq, dim + 1]``) and up to three doc chunk copies
+    (``[doc_chunk, ld, dim + 1]``: gathered, padding zeroed, bias column appended).
     """
-    return query_chunk * lq * doc_chunk * ld * itemsize
+    block = query_chunk * lq * doc_chunk * ld
+    return (block + (2 * query_chunk * lq + 3 * doc_chunk * ld) * (dim + 1 if dim else 0)) * itemsize
 
 
 def _normalise_side(
@@ -200,9 +206,10 @@ def maxsim_scores(
     ``q_emb [nq, lq, d]`` with ``q_mask [nq, lq]`` (True = real token), ``d_emb [nd, ld, d]`` with
     ``d_mask [nd, ld]``; either side may instead be a list of ``[l_i, d]`` tensors (mask ``None``),
     e.g. variable-length page embeddings. Padding doc tokens never win the max (filled with −inf),
-    padding query tokens are not summed. Peak memory beyond inputs/output is one similarity block of
-    ``maxsim_peak_bytes(query_chunk, doc_chunk, lq, ld)`` bytes (``[qc, lq, dc, ld]`` fp32), e.g. 16 ×
-    32 × 64 × 1024 × 4 B = 128 MiB. Docs are grouped by length so chunks carry little padding. A doc or
+    padding query tokens are not summed. Peak memory beyond inputs/output is one similarity buffer
+    ``[qc, lq, dc, ld]`` (allocated once, reused) plus one query and one doc chunk copy:
+    ``maxsim_peak_bytes(query_chunk, doc_chunk, lq, ld, d)``, e.g. 16 × 32 × 64 × 1024 × 4 B = 128 MiB
+    for the block. Docs are grouped by length so chunks carry little padding. A doc or
     query with no real token is an error (its score would be undefined).
     """
     if doc_chunk < 1 or query_chunk < 1:
@@ -221,21 +228,40 @@ def maxsim_scores(
     # Group docs of similar length (stable sort) so each chunk pads/trims to a near-uniform length.
     d_order = sorted(range(nd), key=lambda j: d_len[j])
     neg_inf = float("-inf")
+    # One similarity buffer for the whole call, sized for the widest chunk and reused through
+    # `out=`: no per-chunk allocation churn, so the peak really is one block (glibc otherwise keeps
+    # freed sub-32 MB blocks in its heap and RSS grew to ~3 blocks in measurements).
+    q_cap = max(q_len) if isinstance(q, list) else q.shape[1]
+    d_cap = max(d_len) if isinstance(d, list) else d.shape[1]
+    buf = torch.empty(min(query_chunk, nq) * q_cap * min(doc_chunk, nd) * d_cap, dtype=dtype, device=device)
     with torch.inference_mode():
         for q0 in range(0, nq, query_chunk):
             qi = list(range(q0, min(q0 + query_chunk, nq)))
             qx, qmx = _chunk(q, qm, qi, dtype, device)  # [qc, lq, d], [qc, lq]
             qc, lq, dim = qx.shape
             q_flat = qx.reshape(qc * lq, dim)
+            # Query tokens get a trailing 1 so a doc-side bias column (0 real, −inf padding) masks
+            # inside the GEMM: a separate masked_fill over the block cost ~80 % of the GEMM's time.
+            q_aug = torch.cat([q_flat, torch.ones((qc * lq, 1), dtype=dtype, device=device)], dim=1)
             for d0 in range(0, nd, doc_chunk):
                 dj = d_order[d0 : d0 + doc_chunk]
                 dx, dmx = _chunk(d, dm, dj, dtype, device)  # [dc, ld, d], [dc, ld]
                 dc, ld, _ = dx.shape
-                sim = (q_flat @ dx.reshape(dc * ld, dim).T).view(qc, lq, dc, ld)  # the peak block
-                if not bool(dmx.all()):
-                    sim.masked_fill_(~dmx.view(1, 1, dc, ld), neg_inf)
+                sim2d = buf[: qc * lq * dc * ld].view(qc * lq, dc * ld)
+                if bool(dmx.all()):
+                    torch.matmul(q_flat, dx.reshape(dc * ld, dim).T, out=sim2d)  # the peak block
+                else:
+                    dx = dx.masked_fill(~dmx[..., None], 0.0)  # padding values may be anything (NaN)
+                    bias = torch.zeros((dc, ld, 1), dtype=dtype, device=device).masked_fill_(
+                        ~dmx[..., None], neg_inf
+                    )
+                    d_aug = torch.cat([dx, bias], dim=2).reshape(dc * ld, dim + 1)
+                    torch.matmul(q_aug, d_aug.T, out=sim2d)
+                    del d_aug, bias
+                del dx
+                sim = sim2d.view(qc, lq, dc, ld)
                 best = sim.amax(dim=3).float()  # [qc, lq, dc]
-                del sim
+                del sim, sim2d
                 best = torch.where(qmx.view(qc, lq, 1), best, 0.0)
                 out[q0 : q0 + qc, torch.tensor(dj)] = best.sum(dim=1).cpu()
     return out
@@ -361,7 +387,7 @@ def pack_multivectors(seqs: Sequence[TensorLike]) -> dict[str, torch.Tensor]:
 def unpack_multivectors(packed: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """Inverse of pack_multivectors (views into the token matrix, no copy)."""
     tok, off = packed["tokens"], packed["offsets"].tolist()
-    return [tok[a:b] for a, b in zip(off[:-1], off[1:], strict=True)]
+    return [tok[a:b] for a, b in itertools.pairwise(off)]
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

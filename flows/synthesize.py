@@ -25,6 +25,7 @@ from tasks.pages import (
     lang_shard_name,
     model_fingerprint,
     plan_en_shards,
+    preload_engines,
     scan_sources,
     translate_config,
     translate_shard_task,
@@ -77,6 +78,7 @@ def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
     profile = load_profile(params.profile)
     langs, unknown = languages.parse_langs(params.langs)
     fps = prepare_models(profile, params.build_models)
+    preload_engines()
     manifest = Manifest(root)
 
     if unknown:

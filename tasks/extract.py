@@ -1,7 +1,8 @@
 """Ingest and region text: source files → page images, and region text from the PDF text layer or OCR.
 
 Reading sources (:func:`iter_source_pages`)
-    PDFs are rendered with pypdfium2 at ``dpi`` (long side capped at ``max_side``); images are opened
+    PDFs are rendered with pypdfium2 at ``dpi`` (long side at least ``min_side``, at most ``max_side``);
+    images are opened
     lazily, their header size checked against ``max_pixels`` *before* decoding, EXIF-transposed,
     flattened onto white, converted to RGB and downscaled to ``max_side``. Multi-frame TIFFs give one
     page per frame. A problem with the whole file raises :class:`SourceError` (a reject reason code
@@ -13,7 +14,7 @@ Reading sources (:func:`iter_source_pages`)
                 ...record a reject; continue
             regions = extract_region_text(item, detector.detect(item.image), ocr)
 
-    A PDF page whose text layer is empty (a scan) is marked ``text_source="ocr"``.
+    A PDF page whose text layer has (almost) no letters (a scan) is marked ``text_source="ocr"``.
 
 Region text (:func:`extract_region_text`)
     Text comes in *units* with pixel boxes: words of the PDF text layer (pypdfium2 characters, mapped
@@ -25,7 +26,7 @@ Region text (:func:`extract_region_text`)
     gives the same words to two overlapping regions. Translatable regions then grow to cover the
     units they received, so the render stage erases all of the original words.
     Units that touch no region are not dropped silently: they are grouped into blocks, and a block
-    with at least ``min_block_chars`` letters becomes a new ``text`` region with ``score=0.0`` (no
+    with at least ``MIN_BLOCK_LETTERS`` (8) letters becomes a new ``text`` region with ``score=0.0`` (no
     detector produced it); smaller leftovers are counted in :attr:`ExtractResult.uncovered_chars`.
 """
 
@@ -38,7 +39,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +54,15 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
     {".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
 )
 _MULTI_FRAME = {".tif", ".tiff"}
+# PDFium is not thread-safe (not even across documents): every pypdfium2 call in this module holds this
+# lock, so ingest can run in a thread pool. Other modules calling pypdfium2 in-process should take it too.
+PDFIUM_LOCK = threading.RLock()
+# A PDF page with fewer letters than this in its text layer is treated as a scan (OCR), e.g. a scanned
+# page whose only text object is a stamped page number.
+MIN_TEXT_LAYER_LETTERS = 10
+# An uncovered text block with at least this many letters becomes a "text" region (a missed heading such
+# as "Contents" or "Introduction"); smaller leftovers (page numbers, "Bug") are only counted.
+MIN_BLOCK_LETTERS = 8
 
 
 class SourceError(Exception):
@@ -124,6 +134,7 @@ def iter_source_pages(
     *,
     dpi: float = 144,
     max_side: int = 2000,
+    min_side: int = 1024,
     max_pixels: int = 40_000_000,
     source_uri: str | None = None,
 ) -> Iterator[SourcePage | SourceError]:
@@ -145,32 +156,37 @@ def iter_source_pages(
         raise SourceError(RejectReason.EMPTY_FILE, "file is empty (0 bytes)")
     sid = source_id(path)
     if suffix == ".pdf":
-        yield from _pdf_pages(path, sid, uri, dpi=dpi, max_side=max_side)
+        yield from _pdf_pages(path, sid, uri, dpi=dpi, max_side=max_side, min_side=min_side)
     else:
         yield from _image_pages(path, sid, uri, max_side=max_side, max_pixels=max_pixels)
 
 
 def _pdf_pages(
-    path: Path, sid: str, uri: str, *, dpi: float, max_side: int
+    path: Path, sid: str, uri: str, *, dpi: float, max_side: int, min_side: int = 1024
 ) -> Iterator[SourcePage | SourceError]:
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
 
     try:
-        pdf = pdfium.PdfDocument(str(path))
+        with PDFIUM_LOCK:
+            pdf = pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as exc:
         if getattr(exc, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD:
             raise SourceError(RejectReason.ENCRYPTED_PDF, "PDF is password protected") from exc
         raise SourceError(RejectReason.UNREADABLE, f"not a readable PDF: {exc}") from exc
     try:
-        n = len(pdf)
+        with PDFIUM_LOCK:
+            n = len(pdf)
         if n == 0:
             raise SourceError(RejectReason.UNREADABLE, "PDF has no pages")
         for index in range(n):
             page = None
             try:
-                page = pdf[index]
-                item: SourcePage | SourceError = _render_pdf_page(page, sid, uri, index, dpi, max_side)
+                with PDFIUM_LOCK:
+                    page = pdf[index]
+                    item: SourcePage | SourceError = _render_pdf_page(
+                        page, sid, uri, index, dpi, max_side, min_side
+                    )
             except SourceError as exc:
                 item = exc
             except Exception as exc:  # pdfium errors, bad page dictionaries, ...
@@ -181,18 +197,24 @@ def _pdf_pages(
                 yield item
             finally:
                 if page is not None:
-                    page.close()
+                    with PDFIUM_LOCK:
+                        page.close()
     finally:
-        pdf.close()
+        with PDFIUM_LOCK:
+            pdf.close()
 
 
-def _render_pdf_page(page: Any, sid: str, uri: str, index: int, dpi: float, max_side: int) -> SourcePage:
+def _render_pdf_page(
+    page: Any, sid: str, uri: str, index: int, dpi: float, max_side: int, min_side: int = 1024
+) -> SourcePage:
     w_pt, h_pt = page.get_size()
     if not (w_pt > 1 and h_pt > 1):
         raise SourceError(
             RejectReason.UNREADABLE, f"page {index} has no area ({w_pt}×{h_pt} pt)", page_index=index
         )
-    scale = min(dpi / 72.0, max_side / max(w_pt, h_pt))
+    # dpi, but small pages (slides, A6) are scaled up to a long side of ``min_side`` so their text
+    # stays legible; never beyond ``max_side``.
+    scale = min(max(dpi / 72.0, min_side / max(w_pt, h_pt)), max_side / max(w_pt, h_pt))
     if min(w_pt, h_pt) * scale < 8:
         raise SourceError(
             RejectReason.UNREADABLE,
@@ -236,11 +258,16 @@ def _page_to_device(page: Any, width: int, height: int) -> tuple[float, float, f
     return (float(inv[0, 0]), float(inv[1, 0]), float(inv[0, 1]), float(inv[1, 1]), float(t[0]), float(t[1]))
 
 
-def _text_layer_has_letters(textpage: Any) -> bool:
+def _text_layer_has_letters(textpage: Any, minimum: int = MIN_TEXT_LAYER_LETTERS) -> bool:
     import pypdfium2.raw as pdfium_c
 
-    n = textpage.count_chars()
-    return any(chr(pdfium_c.FPDFText_GetUnicode(textpage, i)).isalnum() for i in range(n))
+    seen = 0
+    for i in range(textpage.count_chars()):
+        if chr(pdfium_c.FPDFText_GetUnicode(textpage, i)).isalnum():
+            seen += 1
+            if seen >= minimum:
+                return True
+    return False
 
 
 def _image_pages(
@@ -270,6 +297,8 @@ def _image_pages(
                     raise err
                 yield err
                 continue
+            if im.format == "JPEG" and max(w, h) > 2 * max_side:
+                im.draft("RGB", (max_side, max_side))  # let libjpeg decode at 1/2..1/8 scale (≥ max_side)
             try:
                 image = _to_rgb(im)
             except (OSError, SyntaxError, ValueError) as exc:
@@ -450,7 +479,12 @@ def pdf_words(page: SourcePage) -> list[TextUnit]:
         raise ValueError("not a PDF page (no text layer)")
     if getattr(page.pdf_page, "raw", None) is None:
         raise ValueError("the PDF page is closed: read its text while iter_source_pages is on that page")
-    textpage = page.pdf_page.get_textpage()
+    with PDFIUM_LOCK:
+        return _pdf_words_locked(page, page.pdf_page.get_textpage(), pdfium_c)
+
+
+def _pdf_words_locked(page: SourcePage, textpage: Any, pdfium_c: Any) -> list[TextUnit]:
+    assert page.pt_to_px is not None
     try:
         n = textpage.count_chars()
         units: list[TextUnit] = []
@@ -495,9 +529,21 @@ def pdf_words(page: SourcePage) -> list[TextUnit]:
                 else [min(box[0], x0), min(box[1], y0), max(box[2], x1), max(box[3], y1)]
             )
         flush()
-        return units
     finally:
         textpage.close()
+    # text outside the rendered page (off-page or beyond the crop box) is not on the image: drop it
+    w, h = page.image.size
+    kept = []
+    for u in units:
+        x0, y0, x1, y1 = (
+            max(0.0, u.bbox[0]),
+            max(0.0, u.bbox[1]),
+            min(float(w), u.bbox[2]),
+            min(float(h), u.bbox[3]),
+        )
+        if x1 > x0 and y1 > y0:
+            kept.append(TextUnit(u.text, (x0, y0, x1, y1), u.line, len(kept)))
+    return kept
 
 
 def ocr_lines(page: SourcePage, ocr: OcrEngine) -> list[TextUnit]:
@@ -531,9 +577,8 @@ class ExtractResult:
 
     regions: list[Region]
     added_regions: int = 0  # uncovered text blocks turned into "text" regions (score 0.0)
-    uncovered_chars: int = 0  # letters in smaller uncovered leftovers (not in any region)
-    units: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
+    uncovered_chars: int = 0  # letters (str.isalpha) in smaller uncovered leftovers, not in any region
+    units: int = 0  # words (PDF) or lines (OCR) read from the page
 
 
 def assign_units(units: Sequence[TextUnit], boxes: Sequence[Box]) -> list[int]:
@@ -608,7 +653,7 @@ def _union(boxes: Sequence[Box]) -> Box:
 
 
 def _letters(text: str) -> int:
-    return sum(1 for c in text if c.isalnum())
+    return sum(1 for c in text if c.isalpha())
 
 
 def uncovered_blocks(units: Sequence[TextUnit]) -> list[list[TextUnit]]:
@@ -654,7 +699,7 @@ def extract_page_text(
     regions: Sequence[Region],
     ocr: OcrEngine | None,
     *,
-    min_block_chars: int = 20,
+    min_block_letters: int = MIN_BLOCK_LETTERS,
     grow: bool = True,
 ) -> ExtractResult:
     """Fill region text from the page's text layer or OCR; see the module docstring for the rules."""
@@ -689,7 +734,7 @@ def extract_page_text(
     added, lost = 0, 0
     for block in uncovered_blocks(leftovers):
         text = _join_units(block)
-        if _letters(text) >= min_block_chars:
+        if _letters(text) >= min_block_letters:
             u = _union([x.bbox for x in block])
             bbox = (max(0.0, u[0]), max(0.0, u[1]), min(float(w), u[2]), min(float(h), u[3]))
             out.append(Region(label="text", bbox=bbox, score=0.0, text=text, translatable=True))

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from tasks.schema import LABELS, Region
+from tasks.schema import LABELS, TRANSLATABLE_LABELS, Region
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,18 @@ def _inter(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def suppress_duplicates(
-    regions: Sequence[Region], *, iou: float = 0.7, contained: float = 0.9
+    regions: Sequence[Region], *, iou: float = 0.7, contained: float = 0.9, nested: float = 0.75
 ) -> list[Region]:
-    """Drop a region that duplicates a higher-scoring one.
+    """Drop regions that duplicate or nest inside others; input order is kept among survivors.
 
-    Duplicate = IoU ≥ ``iou`` whatever the labels (one object reported under two classes, e.g. CDLA's
-    ``text`` and ``reference`` on the same column), or ≥ ``contained`` of its area inside a kept
-    region of the same label. A caption inside a figure box is *not* a duplicate and stays. Input order
-    is kept among survivors.
+    - IoU ≥ ``iou`` with a higher-scoring region, whatever the labels: one object reported under two
+      classes (e.g. CDLA's ``text`` and ``reference`` on the same column);
+    - ≥ ``contained`` of its area inside a higher-scoring region of the same label;
+    - a translatable region ≥ ``nested`` inside a larger translatable region, whatever the scores
+      (a heading inside a table-of-contents block): the outer region's text includes its words, and two
+      nested boxes cannot both be erased and re-rendered.
+
+    A caption inside a figure box is *not* a duplicate (the figure stays pixels) and stays.
     """
     order = sorted(range(len(regions)), key=lambda i: -regions[i].score)
     kept: list[int] = []
@@ -163,7 +167,16 @@ def suppress_duplicates(
                 break
         if not dup:
             kept.append(i)
-    keep = set(kept)
+    text_like = [i for i in kept if regions[i].label in TRANSLATABLE_LABELS]
+    inner = {
+        i
+        for i in text_like
+        for j in text_like
+        if i != j
+        and _area(regions[j].bbox) > _area(regions[i].bbox) > 0
+        and _inter(regions[i].bbox, regions[j].bbox) / _area(regions[i].bbox) >= nested
+    }
+    keep = set(kept) - inner
     return [r for i, r in enumerate(regions) if i in keep]
 
 
@@ -277,7 +290,10 @@ class DocLayoutYoloDetector:
     YOLOv10 heads are NMS-free (one-to-one assignment), so there is no IoU threshold to set; ``conf``
     filters the top-``max_det`` boxes. doclayout_yolo itself loads checkpoints with
     ``torch.load(..., weights_only=False)`` (full unpickling): load only checkpoints you trust (ours or
-    the official one). Global torch behaviour is not touched.
+    the official one). m3dr leaves torch.load's defaults alone; note that importing doclayout_yolo
+    itself rebinds ``torch.save`` process-wide to a dill-based wrapper (its ``utils/patches.py``).
+    ``threads`` (optional) sets torch's intra-op thread count, which is process-wide: on a CPU shared
+    with other jobs, 1 thread was 2–8× faster than 2 competing ones here.
     """
 
     def __init__(
@@ -288,6 +304,7 @@ class DocLayoutYoloDetector:
         conf: float = 0.2,
         device: str = "cpu",
         max_det: int = 300,
+        threads: int | None = None,
     ) -> None:
         from doclayout_yolo import YOLOv10
 
@@ -298,6 +315,10 @@ class DocLayoutYoloDetector:
         self.conf = float(conf)
         self.device = device
         self.max_det = int(max_det)
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))  # process-wide; on a shared CPU 1 beats oversubscription
         self.model = YOLOv10(str(self.weights))
         self.names: dict[int, str] = dict(self.model.names)
         check_label_map(self.names.values(), DOCSTRUCTBENCH_LABELS, "doclayout-yolo")
@@ -403,7 +424,7 @@ def _build_doclayout_yolo(cfg: Mapping[str, Any]) -> LayoutDetector:
 
     if not cfg.get("model"):
         raise ValueError("layout engine 'doclayout-yolo' needs `model` (recipe:, hf: or a path)")
-    opts = _options(cfg, {"imgsz", "conf", "device", "max_det"}, "doclayout-yolo")
+    opts = _options(cfg, {"imgsz", "conf", "device", "max_det", "threads"}, "doclayout-yolo")
     return DocLayoutYoloDetector(resolve_source(str(cfg["model"])), **opts)
 
 
@@ -468,9 +489,15 @@ def build_random_doclayout_yolo(out_dir: Path, *, scale: str = "n", seed: int = 
             raise ValueError(f"no YOLOv10 scale {scale!r} in doclayout_yolo (looked for {other.name})")
         cfg["scales"] = {**cfg["scales"], scale: yaml_load(other)["scales"][scale]}
     cfg["scale"] = scale
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = YOLOv10DetectionModel(cfg, nc=len(DOCSTRUCTBENCH_CLASSES), verbose=False)
+    cfg["nc"] = len(DOCSTRUCTBENCH_CLASSES)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # a one-off build: 0.2 s on one thread, seconds when threads compete
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = YOLOv10DetectionModel(cfg, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
     model.names = dict(enumerate(DOCSTRUCTBENCH_CLASSES))
     model.eval()
     ckpt = {
@@ -484,6 +511,8 @@ def build_random_doclayout_yolo(out_dir: Path, *, scale: str = "n", seed: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"doclayout_yolo_random_{scale}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
+    # plain pickle via torch.serialization.save: importing doclayout_yolo rebinds the global torch.save to a
+    # dill-based wrapper; the checkpoint should not depend on dill to be read back
+    torch.serialization.save(ckpt, tmp)
     tmp.replace(path)
     return path

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -116,6 +117,26 @@ def lang_shard_name(en_name: str, lang: str) -> str:
     return en_name.replace("pages-en-", f"pages-{lang}-", 1)
 
 
+def has_letters(text: str) -> bool:
+    """True when ``text`` holds a letter: page numbers, "(3)" or "—" are left as they are."""
+    return any(unicodedata.category(ch).startswith("L") for ch in text)
+
+
+def preload_engines() -> None:
+    """Import the stage modules in the calling thread before shard tasks run in worker threads.
+
+    transformers' lazy module loader is not thread-safe: two threads importing ``AutoTokenizer`` at
+    once can fail with ImportError, so flows call this once before submitting tasks.
+    """
+    import ctranslate2  # noqa: F401
+    from transformers import AutoTokenizer, NllbTokenizer, NllbTokenizerFast  # noqa: F401
+
+    import tasks.extract
+    import tasks.layout
+    import tasks.render
+    import tasks.translate  # noqa: F401
+
+
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False, compress_level=6)
@@ -157,6 +178,7 @@ def ingest_shard(
                 Path(src.path),
                 dpi=ingest.get("dpi", 144),
                 max_side=ingest.get("max_side", 1600),
+                min_side=ingest.get("min_side", 1024),
                 max_pixels=ingest.get("max_pixels", 40_000_000),
             ):
                 if isinstance(item, SourceError):
@@ -216,7 +238,7 @@ def translate_shard(
 ) -> ShardResult:
     """English pages shard → the same pages translated into ``lang`` and re-rendered (+ rejects)."""
     from tasks.render import RenderConfig, assert_raqm, page_pdf, render_page
-    from tasks.translate import TranslationCache, TranslationStats, translate_texts
+    from tasks.translate import TranslateStats, TranslationCache, translate_texts
 
     root = Path(root)
     languages.get(lang)
@@ -241,9 +263,14 @@ def translate_shard(
     cache = TranslationCache(root / "cache" / "translations.sqlite")
     en_pages = [PageRecord.from_row(r) for r in read_table(root / en_entry.path, PAGES_SCHEMA).to_pylist()]
 
-    slots = [(i, j) for i, p in enumerate(en_pages) for j, r in enumerate(p.regions) if r.translatable]
+    slots = [
+        (i, j)
+        for i, p in enumerate(en_pages)
+        for j, r in enumerate(p.regions)
+        if r.translatable and has_letters(r.text)
+    ]
     texts = [en_pages[i].regions[j].text for i, j in slots]
-    stats = TranslationStats()
+    stats = TranslateStats()
     rejects: list[Reject] = []
     try:
         translated = translate_texts(translator, texts, "en", lang, cache=cache, stats=stats)
@@ -308,8 +335,9 @@ def _render_translation(
     page_pdf: Any,
 ) -> tuple[PageRecord | None, Reject | None]:
     """Render one translated page; a page with any region that cannot be rendered is rejected whole."""
+    # Regions without a translation (figures, page numbers and other letter-free text) keep their pixels.
     regions = [
-        type(r)(r.label, r.bbox, r.score, texts.get(j, r.text), r.translatable, False)
+        type(r)(r.label, r.bbox, r.score, texts.get(j, r.text), j in texts, False)
         for j, r in enumerate(page.regions)
     ]
     image = Image.open(io.BytesIO(page.image_png)).convert("RGB")

@@ -69,6 +69,10 @@ class RenderConfig:
     min_contrast: float = 3.0  # WCAG contrast ratio the original ink colour needs to be kept
     ink_threshold: int = 60  # max channel distance from the background for a pixel to count as ink
     pdf_dpi: float = 96.0  # page image pixels per inch in page_pdf (1 px = 72/dpi pt)
+    # When a translation does not fit its box, the box may grow into adjoining empty page background
+    # (never over another region or ink) by up to these fractions of its own width / height.
+    grow_x: float = 1.5
+    grow_y: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bold_labels", tuple(self.bold_labels))  # TOML gives lists
@@ -76,6 +80,8 @@ class RenderConfig:
             raise ValueError(
                 f"need 1 <= min_font_px <= max_font_px, got {self.min_font_px}, {self.max_font_px}"
             )
+        if self.grow_x < 0 or self.grow_y < 0:
+            raise ValueError("grow_x and grow_y must be >= 0")
         if self.line_spacing <= 0 or self.padding_px < 0 or self.pdf_dpi <= 0:
             raise ValueError("line_spacing and pdf_dpi must be > 0, padding_px >= 0")
 
@@ -632,6 +638,47 @@ def render_text_in_box(
     return _ink(image, plan)
 
 
+def grow_box(
+    image: Image.Image, box: Box, others: Sequence[Box], cfg: RenderConfig, *, rtl: bool = False
+) -> Box:
+    """The box extended into adjoining empty background: sideways (away from the text start), then down.
+
+    Translations are often longer than the English they replace. Instead of rejecting the page, the
+    box may take over page background next to it, up to ``cfg.grow_x`` / ``cfg.grow_y`` of its own
+    size, stopping at the page edge, at any ink and at any other region. Returns ``box`` unchanged
+    when there is no room.
+    """
+    x0, y0, x1, y1 = _pixel_box(box, image.size)
+    if x1 <= x0 or y1 <= y0:
+        return tuple(box)  # type: ignore[return-value]
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    h, w = rgb.shape[:2]
+    bg, _ = estimate_colors(image, (x0, y0, x1, y1), cfg)
+    free = np.abs(rgb - np.asarray(bg)).max(axis=2) <= cfg.ink_threshold // 2
+    for ob in others:
+        a0, b0, a1, b1 = _pixel_box(ob, image.size)
+        if a1 > a0 and b1 > b0 and not (a0 >= x0 and b0 >= y0 and a1 <= x1 and b1 <= y1):
+            free[b0:b1, a0:a1] = False  # other regions are walls (regions nested inside ours are not)
+    margin = max(2, int(0.02 * w))
+    gap = 2  # keep a couple of pixels clear of whatever stops the growth
+    nx0, nx1 = x0, x1
+    limit = int((x1 - x0) * cfg.grow_x)
+    if rtl:
+        while nx0 - 1 >= margin and x0 - (nx0 - 1) <= limit and free[y0:y1, nx0 - 1].all():
+            nx0 -= 1
+        nx0 = min(x0, nx0 + gap)
+    else:
+        while nx1 < w - margin and nx1 + 1 - x1 <= limit and free[y0:y1, nx1].all():
+            nx1 += 1
+        nx1 = max(x1, nx1 - gap)
+    ny1 = y1
+    ylimit = int((y1 - y0) * cfg.grow_y)
+    while ny1 < h - margin and ny1 + 1 - y1 <= ylimit and free[ny1, nx0:nx1].all():
+        ny1 += 1
+    ny1 = max(y1, ny1 - gap)
+    return (float(nx0), float(y0), float(nx1), float(ny1))
+
+
 def _wants_render(region: Region) -> bool:
     return bool(region.translatable and region.text and region.text.strip())
 
@@ -650,11 +697,20 @@ def render_page(image: Image.Image, regions: Sequence[Region], lang: str, cfg: R
     plans: dict[int, _Plan] = {}
     failures: list[RenderFailure] = []
     boxes: dict[int, BoxRender] = {}
+    rtl = languages.get(lang).direction == "rtl"
     for i, region in enumerate(regions):
         if not _wants_render(region):
             continue
         bold = region.label in cfg.bold_labels
         plan = _plan_box(image, region.bbox, region.text, lang, cfg, bold)
+        if isinstance(plan, BoxRender) and plan.reason == RejectReason.TEXT_DOES_NOT_FIT:
+            others = [r.bbox for j, r in enumerate(regions) if j != i]
+            grown = grow_box(image, region.bbox, others, cfg, rtl=rtl)
+            if grown != tuple(region.bbox):
+                retry = _plan_box(image, grown, region.text, lang, cfg, bold)
+                if not isinstance(retry, BoxRender):
+                    plan = retry
+                    new_regions[i].bbox = grown
         if isinstance(plan, BoxRender):
             failures.append(RenderFailure(i, plan.reason, plan.message))
             boxes[i] = plan

@@ -23,6 +23,7 @@ from tasks.extract import (
     iter_source_pages,
     normalize_text,
     page_id,
+    pdf_words,
     source_id,
 )
 from tasks.schema import LABELS, TRANSLATABLE_LABELS, Region, RejectReason
@@ -231,7 +232,7 @@ def test_uncovered_text_becomes_text_regions(two_col_pdf: Path, detector) -> Non
         assert not (LEFT_ONLY & _words(r.text) and RIGHT_ONLY & _words(r.text))
     assert res.regions[0].label == "title"  # reading order re-applied
     # small leftovers are counted, not turned into regions
-    strict = extract_page_text(page, [title], None, min_block_chars=10_000)
+    strict = extract_page_text(page, [title], None, min_block_letters=10_000)
     assert strict.added_regions == 0 and strict.uncovered_chars > 500
 
 
@@ -293,6 +294,54 @@ def test_bad_pdf_page_is_reported_and_good_pages_kept(tmp_path: Path) -> None:
     assert reject.stage == "ingest" and "page 1" in reject.message
 
 
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_word_boxes_cover_the_ink_for_rotated_and_cropped_pages(tmp_path: Path, rotation: int) -> None:
+    import numpy as np
+    from reportlab.pdfgen import canvas
+
+    path = tmp_path / f"rot{rotation}.pdf"
+    c = canvas.Canvas(str(path), pagesize=(500, 400))
+    c.setPageRotation(rotation)
+    c.setCropBox((20, 10, 480, 390))  # crop box offset from the media box origin
+    c.setFont("Helvetica", 14)
+    for i in range(8):
+        c.drawString(40 + 20 * i, 360 - 40 * i, f"line {i} with words")
+    c.drawString(40, 1000, "text off the page")  # not on the image: dropped
+    c.showPage()
+    c.save()
+    page = _first_page(path, dpi=72)
+    units = pdf_words(page)
+    assert [u.text for u in units[:4]] == ["line", "0", "with", "words"] and len(units) == 32
+    ink = np.asarray(page.image.convert("L")) < 128
+    covered = np.zeros_like(ink)
+    for u in units:
+        x0, y0, x1, y1 = (int(v) for v in u.bbox)
+        covered[y0 : y1 + 1, x0 : x1 + 1] = True
+        assert ink[y0 : y1 + 1, x0 : x1 + 1].any()  # every word box holds ink
+    assert ink[covered].sum() == ink.sum()  # and all ink is inside word boxes
+    assert covered.mean() < 0.15
+
+
+def test_pdf_ingest_is_thread_safe(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    pdfs = [make_two_column_pdf(tmp_path / f"doc{i}.pdf", pages=3) for i in range(4)]
+    fixed = [Region("text", (0, 0, 10_000, 10_000), 1.0)]  # one region covering the page
+
+    def ingest(path: Path) -> list[str]:
+        texts = []
+        for page in iter_source_pages(path, dpi=72):
+            assert isinstance(page, SourcePage)
+            texts.append(extract_region_text(page, fixed, None)[0].text)
+        return texts
+
+    sequential = [ingest(p) for p in pdfs]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(ingest, pdfs * 2))
+    assert parallel == sequential * 2
+    assert all("example" in t and "Sailors" in t for doc in sequential for t in doc)
+
+
 # ---------------------------------------------------------------------------- images
 def test_image_pages_exif_alpha_downscale_and_frames(tmp_path: Path) -> None:
     # EXIF orientation 6 (rotate 90° CW to display): a 400×200 JPEG shows as 200×400
@@ -314,6 +363,12 @@ def test_image_pages_exif_alpha_downscale_and_frames(tmp_path: Path) -> None:
     Image.new("L", (3000, 1500), 128).save(big)
     page = _first_page(big, max_side=1000)
     assert page.image.size == (1000, 500) and page.image.mode == "RGB"
+
+    # a big JPEG is decoded at reduced scale, then capped; orientation still applied
+    big_jpg = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 2000), (20, 20, 200)).save(big_jpg, exif=exif.tobytes())
+    page = _first_page(big_jpg, max_side=900)
+    assert page.image.size == (450, 900)
 
     # a multi-page TIFF gives one page per frame
     tif = tmp_path / "two.tiff"

@@ -75,6 +75,16 @@ def random_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_random_doclayout_yolo(tmp_path_factory.mktemp("dly"))
 
 
+@pytest.fixture
+def torch_threads():
+    """Restore torch's process-wide thread count after a test that sets it (detector option `threads`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def _r(label: str, x0: float, y0: float, x1: float, y1: float, score: float = 0.9) -> Region:
     return Region(label, (x0, y0, x1, y1), score)
 
@@ -147,6 +157,12 @@ def test_suppress_duplicates() -> None:
     cap = _r("caption", 120, 450, 480, 490, 0.8)  # inside the figure box: kept
     inner = _r("text", 610, 300, 1000, 700, 0.5)  # a text box inside a text box: duplicate
     assert suppress_duplicates([ref, fig, text, cap, inner]) == [fig, text, cap]
+    # a confident heading nested in a table-of-contents block goes; the block keeps its words
+    toc = _r("reference", 80, 500, 550, 1480, 0.54)
+    heading = _r("title", 70, 1180, 180, 1200, 0.91)  # sticks out a little on the left
+    table = _r("table", 600, 100, 1100, 600, 0.9)
+    cell_text = _r("text", 620, 120, 900, 160, 0.8)  # text inside a table: kept (the table stays pixels)
+    assert suppress_duplicates([toc, heading, table, cell_text]) == [toc, table, cell_text]
 
 
 # ---------------------------------------------------------------------------- rapid-layout
@@ -209,9 +225,21 @@ def test_random_doclayout_checkpoint(random_ckpt: Path, tmp_path: Path) -> None:
     assert find_checkpoint(random_ckpt.parent) == random_ckpt
 
 
-def test_doclayout_yolo_detect_parses_real_predictions(random_ckpt: Path, page_image: Image.Image) -> None:
+def test_doclayout_yolo_detect_parses_real_predictions(
+    random_ckpt: Path, page_image: Image.Image, monkeypatch, torch_threads
+) -> None:
+    def no_network(*_a, **_k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     det = build_layout_detector(
-        {"engine": "doclayout-yolo", "model": str(random_ckpt.parent), "imgsz": 1024, "conf": 0.001}
+        {
+            "engine": "doclayout-yolo",
+            "model": str(random_ckpt.parent),
+            "imgsz": 1024,
+            "conf": 0.001,
+            "threads": 1,
+        }
     )
     assert isinstance(det, DocLayoutYoloDetector) and isinstance(det, LayoutDetector)
     assert det.model_id.startswith(f"doclayout-yolo:{random_ckpt.name}:")
@@ -226,7 +254,7 @@ def test_doclayout_yolo_detect_parses_real_predictions(random_ckpt: Path, page_i
     assert regions == reading_order(regions, w)
     assert len(suppress_duplicates(regions)) == len(regions)
     # a high threshold leaves nothing from random weights: the conf option reaches the predictor
-    det.conf = 0.99
+    det.conf, det.imgsz = 0.99, 320
     assert det.detect(page_image) == []
     # a .pt path works as well as its directory
     assert (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -58,7 +59,7 @@ def test_dense_topk_fp16_is_fp32_accumulated_on_cpu() -> None:
     ref = q.half().float() @ d.half().float().T  # exact products of the fp16-rounded vectors
     torch.testing.assert_close(s16, torch.gather(ref, 1, ix16), rtol=0, atol=1e-6)
     assert torch.equal(ix16, torch.sort(ref, dim=1, descending=True).indices[:, :10])
-    s32, ix32 = dense_topk(q, d, 10)
+    _, ix32 = dense_topk(q, d, 10)
     assert (ix16 == ix32).float().mean() > 0.95  # fp16 storage barely changes the ranking
     with pytest.raises(ValueError, match="queries"):
         dense_topk(q, d[:, :8], 3)
@@ -93,9 +94,10 @@ def test_maxsim_equals_naive_reference_at_1000_docs() -> None:
     q, d = _unit(nq, lq, dim, seed=8), _unit(nd, ld, dim, seed=9)
     qm = torch.arange(lq)[None] < torch.randint(1, lq + 1, (nq, 1), generator=g)
     dm = torch.arange(ld)[None] < torch.randint(1, ld + 1, (nd, 1), generator=g)
-    # Poison the padding so a masking bug cannot hide: padded doc tokens would win every max.
+    # Poison the padding so a masking bug cannot hide: large values would win every max, NaN spreads.
     d[~dm] = 10.0
-    q[~qm] = 10.0
+    d[:100][~dm[:100]] = float("nan")
+    q[~qm] = float("nan")
     got = maxsim_scores(q, qm, d, dm, doc_chunk=48, query_chunk=24)
     ref = _naive_maxsim(q, qm, [d[j][dm[j]] for j in range(nd)])
     assert got.shape == (nq, nd)
@@ -121,30 +123,46 @@ def test_maxsim_variable_length_lists_and_unaligned_masks() -> None:
 
 _MEM_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, re, sys, torch
     sys.path.insert(0, sys.argv[1])
     from eval.retrieval import maxsim_scores
     torch.set_num_threads(1)
+
+    def kib(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+    def peak_extra(fn):
+        # Reset the kernel's RSS high-water mark to the current RSS, run, read it back (Linux >= 4.0).
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = kib("VmRSS")
+        out = fn()
+        return kib("VmHWM") - base, out
+
     nq, lq, nd, ld, dim = 8, 32, 2000, 128, 64
     q = torch.randn(nq, lq, dim); d = torch.randn(nd, ld, dim)
     qm = torch.ones(nq, lq, dtype=torch.bool); dm = torch.ones(nd, ld, dtype=torch.bool); dm[:, 100:] = False
     maxsim_scores(q[:2], qm[:2], d[:20], dm[:20], doc_chunk=16, query_chunk=4)  # warm up kernels
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    base = rss()
-    chunked = maxsim_scores(q, qm, d, dm, doc_chunk=16, query_chunk=4)
-    after_chunked = rss()
-    sim = torch.einsum("qid,pjd->qpij", q, d).masked_fill(~dm[None, :, None, :], float("-inf"))
-    naive = sim.amax(-1).sum(-1)
-    after_naive = rss()
-    print(json.dumps({"chunked": after_chunked - base, "naive": after_naive - after_chunked,
-                      "naive_block": sim.numel() * 4, "agree": bool(torch.allclose(chunked, naive, atol=1e-4))}))
+    chunked_peak, chunked = peak_extra(lambda: maxsim_scores(q, qm, d, dm, doc_chunk=16, query_chunk=4))
+
+    def naive():
+        sim = torch.einsum("qid,pjd->qpij", q, d).masked_fill(~dm[None, :, None, :], float("-inf"))
+        return sim.amax(-1).sum(-1)
+
+    naive_peak, ref = peak_extra(naive)
+    agree = bool(torch.allclose(chunked, ref, atol=1e-4))
+    print(json.dumps({"chunked": chunked_peak, "naive": naive_peak, "naive_block": nq * nd * lq * ld * 4,
+                      "agree": agree}))
     """
 )
 
 
 def test_maxsim_peak_memory_is_bounded_by_chunks() -> None:
-    """Measured in a fresh process (ru_maxrss high-water mark): chunked MaxSim adds a few MB while
-    the naive one-block version adds its full [nq, nd, lq, ld] tensor (~262 MB here)."""
+    """Peak RSS in a fresh process (VmHWM, reset just before the call, minus the RSS at that moment):
+    chunked MaxSim adds its ~1 MB buffers plus a constant; the naive one-block version adds its full
+    [nq, nd, lq, ld] tensor (~262 MB here), which shows the probe sees big allocations."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
     res = subprocess.run(
         [sys.executable, "-c", _MEM_SCRIPT, str(REPO)],
         capture_output=True,
@@ -154,9 +172,11 @@ def test_maxsim_peak_memory_is_bounded_by_chunks() -> None:
     )
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert m["agree"]
-    bound = maxsim_peak_bytes(4, 16, 32, 100)
-    assert bound < 1 << 20
-    assert m["chunked"] < 16 << 20, m  # block ≤ 1 MB; slack for allocator and output
+    bound = maxsim_peak_bytes(4, 16, 32, 128, 64)
+    assert bound < 3 << 20
+    # ~13 MB on top of the buffers is a constant of this process (BLAS packing buffers, allocator):
+    # measured the same for 1.5 MB and 100 MB blocks; it does not grow with the corpus.
+    assert m["chunked"] < bound + (24 << 20), m
     assert m["naive"] > 0.8 * m["naive_block"] > 100 << 20, m  # the probe does see big blocks
 
 

@@ -132,3 +132,41 @@ def test_translated_pages_load_with_datasets(flow_runs):
     )
     assert isinstance(ds[0]["image"], Image.Image)
     assert set(ds["lang"]) >= {"en", "hi", "ar"}
+
+
+def test_pdf_format_writes_a_searchable_text_layer(tmp_path, tiny_models, prefect_harness):
+    """--formats pdf: each translated page also as a PDF whose text layer holds the translated text."""
+    import re
+    import unicodedata
+
+    import pypdfium2 as pdfium
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SAMPLES / "title_page.pdf", src / "title_page.pdf")
+    result = _run(src, tmp_path / "out", langs="hi,ar", formats=("png", "pdf"))
+    out = Path(result["out"])
+
+    def norm(text: str) -> str:
+        return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text))
+
+    checked = 0
+    for lang in ("hi", "ar"):
+        for shard in out.glob(f"pages/{lang}/*.parquet"):
+            for page in pq.read_table(shard).to_pylist():
+                assert page["pdf"], "pdf bytes present when --formats pdf"
+                doc = pdfium.PdfDocument(page["pdf"])
+                layer = norm(doc[0].get_textpage().get_text_range())
+                doc.close()
+                for region in page["regions"]:
+                    if not region["rendered"]:
+                        continue
+                    if lang == "hi":
+                        assert norm(region["text"]) in layer
+                    else:  # Arabic: every Arabic word comes back (pdfium may reorder digits/Latin runs)
+                        for word in re.findall(
+                            r"[\u0600-\u06FF]+", unicodedata.normalize("NFKC", region["text"])
+                        ):
+                            assert word in layer
+                    checked += 1
+    assert checked >= 4

