@@ -170,3 +170,21 @@ def test_pdf_format_writes_a_searchable_text_layer(tmp_path, tiny_models, prefec
                             assert word in layer
                     checked += 1
     assert checked >= 4
+
+
+def test_rerun_with_one_new_document_processes_only_its_shards(tmp_path, tiny_models, prefect_harness):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(SAMPLES / "title_page.pdf", src / "title_page.pdf")
+    first = _run(src, tmp_path / "out", langs="hi")
+    assert first["shards_worked"] == 2  # English + Hindi
+    shutil.copy(SAMPLES / "table_page.pdf", src / "table_page.pdf")
+    second = _run(src, tmp_path / "out", langs="hi")
+    worked = [s for s in second["shards"] if not s["skipped"]]
+    assert len(worked) == 2, worked  # only the new document's English + Hindi shards
+    from tasks.extract import source_id
+    from tasks.shards import Manifest
+
+    new_en = Manifest(tmp_path / "out").get(next(s["name"] for s in worked if s["lang"] == "en"))
+    assert new_en is not None and new_en.sources == [source_id(src / "table_page.pdf")]
+    assert second["pages_per_lang"]["en"] == first["pages_per_lang"]["en"] + 1
