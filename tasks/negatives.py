@@ -73,11 +73,9 @@ from scipy import sparse
 
 from tasks.encoders import Encoder, PageView, build_encoder
 from tasks.languages import LANGUAGES
-from tasks.schema import TRAIN_SCHEMA, Reject
+from tasks.schema import TRAIN_SCHEMA, Reject, RejectReason
 
-# Reject reason for a query whose positive page is not in the mining corpus (see report: wants a
-# RejectReason.POSITIVE_NOT_IN_CORPUS constant in tasks/schema.py).
-POSITIVE_NOT_IN_CORPUS = "positive_not_in_corpus"
+POSITIVE_NOT_IN_CORPUS = RejectReason.POSITIVE_NOT_IN_CORPUS
 
 DEFAULT_K = 4
 DEFAULT_TOP_N = 30

@@ -151,6 +151,7 @@ class RejectReason:
     QUERY_COPIED = "query_copied_from_page"
     QUERY_INJECTION = "query_injection"
     QUERY_GENERATION_FAILED = "query_generation_failed"
+    POSITIVE_NOT_IN_CORPUS = "positive_not_in_corpus"
 
 
 @dataclass
