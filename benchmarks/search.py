@@ -53,7 +53,15 @@ def bench_dense(args: argparse.Namespace) -> None:
         d_store = d.to(dtype)  # corpus as held in memory; conversion not timed
 
         def run(dtype=dtype, upcast=upcast, d_store=d_store):
-            return dense_topk(q, d_store, args.k, dtype=dtype, upcast=upcast, batch_size=args.batch_size)
+            return dense_topk(
+                q,
+                d_store,
+                args.k,
+                dtype=dtype,
+                upcast=upcast,
+                batch_size=args.batch_size,
+                doc_batch_size=args.doc_batch_size,
+            )
 
         run()  # warm-up
         secs, (_, ix) = _best_of(run, args.repeats)
@@ -157,6 +165,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--doc-batch-size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-native-fp16", dest="native_fp16", action="store_false")
     p.add_argument("--ms-queries", type=int, default=32)

@@ -1,0 +1,121 @@
+"""Training configuration (pydantic, so the Prefect UI renders it as a form) and the training result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Attention + MLP projections of the *language model* only (the SigLIP tower's modules are named
+# q_proj/k_proj/... too, hence the ``language_model`` anchor). peft full-matches a string as a regex.
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class LoraSettings(BaseModel):
+    """LoRA on the backbone (peft). The projection head(s) are always trained in full."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    r: int = 32
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = DEFAULT_LORA_TARGETS
+
+
+class PromptSettings(BaseModel):
+    """Prompt templates. ``{query}`` is the query text; in ``document``, ``{image}`` becomes the image
+    placeholder and ``{text}`` the page text (empty unless ``doc_text = region_text``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = "Query: {query}"
+    document: str = "{image}Document: {text}"
+    # ``none``: the document is its image only (production NetraEmbed/ColNetraEmbed behaviour).
+    # ``region_text``: the page's region text (OCR / PDF layer / translation) is appended to the
+    # prompt. Useful for the tiny profile, whose random vision tower at 64 px cannot read a page, and
+    # as an ablation ("image + text" documents) at production size.
+    doc_text: Literal["none", "region_text"] = "none"
+    max_query_tokens: int = 64
+    max_doc_text_tokens: int = 256
+    append_eos: bool = True  # the pooled last token is always ``<eos>`` (not whatever word came last)
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines a training run (hashed into the checkpoint for resume checks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "recipe:gemma3-tiny"  # model source: recipe:<name> | hf:<repo> | local dir
+    retriever: Literal["dense", "multivector", "both"] = "dense"
+    # dense (NetraEmbed-style): last-token pooled hidden state, Matryoshka prefixes of it.
+    matryoshka_dims: list[int] = Field(default_factory=lambda: [16, 32, 64])  # production 768/1536/2560
+    matryoshka_weights: list[float] | None = None  # one per dim; default all 1
+    temperature: float = 0.02
+    # multi-vector (ColNetraEmbed-style): per-token linear head.
+    multivector_dim: int = 128
+    multivector_temperature: float = 0.02
+    # data
+    batch_size: int = 8  # queries per device per micro-batch
+    num_negatives: int = 1  # mined hard negatives per query (0: in-batch only)
+    bucket_batches: int = 8  # length bucketing: sort within windows of this many batches
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
+    # optimisation
+    lr: float = 2e-4
+    head_lr: float | None = None  # default: lr
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int | None = 100  # optimizer steps; None: run ``epochs`` epochs
+    epochs: float = 1.0
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    seed: int = 0
+    # checkpoints
+    checkpoint_every: int = 50  # optimizer steps; 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the last complete checkpoint in out_dir if there is one
+    num_threads: int | None = None  # torch CPU threads (None: torch default)
+    num_workers: int = 0  # DataLoader worker processes decoding/collating batches ahead of the step
+    log_every: int = 10
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError("matryoshka_weights needs one weight per matryoshka dim")
+        if sorted(set(self.matryoshka_dims)) != list(self.matryoshka_dims) or not self.matryoshka_dims:
+            raise ValueError("matryoshka_dims must be strictly increasing and non-empty")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        return self
+
+    @property
+    def dense(self) -> bool:
+        return self.retriever in ("dense", "both")
+
+    @property
+    def multivector(self) -> bool:
+        return self.retriever in ("multivector", "both")
+
+    def hash_fields(self) -> dict:
+        """The fields that must match for a checkpoint to be resumed (not logging/resume knobs)."""
+        skip = {"resume", "checkpoint_every", "keep_checkpoints", "log_every", "num_threads", "num_workers"}
+        return self.model_dump(mode="json", exclude=skip)
+
+
+class TrainResult(BaseModel):
+    """What ``train`` hands back: where things are and how the loss went."""
+
+    out_dir: Path
+    checkpoint_dir: Path | None  # last complete checkpoint (adapter + heads + optimizer state)
+    final_dir: Path | None  # adapter + heads of the final step (rank 0)
+    steps: int
+    losses: list[float]  # one per optimizer step (mean over micro-batches and ranks)
+    resumed_from_step: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+    data_seconds: float = 0.0  # time waiting for batches (input pipeline), this process
+    compute_seconds: float = 0.0  # forward/backward/optimizer time, this process

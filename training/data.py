@@ -1,0 +1,311 @@
+"""Training data: train shards (queries → positive + mined negatives) over pages shards (images).
+
+- :class:`PageStore` memory-maps the pages shards and indexes ``page_id → row``; page images stay PNG
+  bytes in the mapped file until a batch needs them (decoded lazily, shrunk with Pillow's fast
+  reducer before the processor's exact resize).
+- :func:`batch_plan` orders one epoch: deterministic from ``(seed, epoch)`` only, so any micro-step can
+  be rebuilt after a restart; length-bucketed (sorted inside windows of ``bucket_batches`` global
+  batches, then the batches are shuffled) to cut padding.
+- :class:`Collator` turns one global batch into this rank's tensors: query inputs, document inputs
+  (positives of the rank's queries, then their hard negatives) and, for the loss, the index of each
+  query's positive in the *gathered* document list and a validity mask that removes pages of the
+  query's own parallel group (translations of the same source page are relevant, never negatives).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from tasks.encoders import PageView
+from tasks.shards import hash_id
+from training.config import PromptSettings
+
+IMAGE_PLACEHOLDER = "{image}"
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One train-shard row, reduced to what training needs."""
+
+    query_id: str
+    query: str
+    query_lang: str
+    positive_page_id: str
+    source_page_id: str
+    negative_page_ids: tuple[str, ...] = ()
+
+
+class PageStore:
+    """``page_id → PageView`` over memory-mapped pages shards (PAGES_SCHEMA)."""
+
+    _COLUMNS = ["page_id", "source_page_id", "lang", "text", "image"]
+
+    def __init__(self, shards: Sequence[Path]) -> None:
+        self.tables: list[pa.Table] = []
+        self.index: dict[str, tuple[int, int]] = {}
+        for path in shards:
+            table = pq.read_table(path, columns=self._COLUMNS, memory_map=True)
+            t = len(self.tables)
+            self.tables.append(table)
+            for row, pid in enumerate(table.column("page_id").to_pylist()):
+                self.index.setdefault(pid, (t, row))
+        # cheap metadata kept in memory (group, text length); images stay in the mapped files
+        self._group: dict[str, str] = {}
+        self._text_len: dict[str, int] = {}
+        for table in self.tables:
+            ids = table.column("page_id").to_pylist()
+            groups = table.column("source_page_id").to_pylist()
+            lens = pc.utf8_length(table.column("text")).to_pylist()
+            for pid, g, n in zip(ids, groups, lens, strict=True):
+                self._group.setdefault(pid, g)
+                self._text_len.setdefault(pid, int(n or 0))
+
+    def __contains__(self, page_id: str) -> bool:
+        return page_id in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def page_ids(self) -> list[str]:
+        return list(self.index)
+
+    def group(self, page_id: str) -> str:
+        return self._group[page_id]
+
+    def text_len(self, page_id: str) -> int:
+        return self._text_len[page_id]
+
+    def get(self, page_id: str) -> PageView:
+        t, row = self.index[page_id]
+        rec = self.tables[t].slice(row, 1).to_pylist()[0]
+        return PageView.from_row(rec)
+
+
+def decode_image(png: bytes | None, target: int) -> Image.Image:
+    """PNG bytes → RGB image at most ``4 × target`` px per side (fast box reduce first; the processor
+    does the exact resize). Text-only pages (no image) get a blank white page."""
+    if not png:
+        return Image.new("RGB", (target, target), "white")
+    img = Image.open(io.BytesIO(png))
+    img.draft("RGB", (4 * target, 4 * target))
+    factor = max(1, min(img.size) // (4 * target))
+    img = img.convert("RGB")
+    if factor > 1:
+        img = img.reduce(factor)
+    return img
+
+
+def load_examples(train_shards: Sequence[Path], store: PageStore | None = None) -> tuple[list[TrainExample], int]:
+    """All rows of the train shards (file order); rows whose positive is not in ``store`` are dropped.
+
+    Returns (examples, dropped). Negatives missing from the store are dropped from the row.
+    """
+    cols = ["query_id", "query", "query_lang", "positive_page_id", "source_page_id", "negative_page_ids"]
+    out: list[TrainExample] = []
+    dropped = 0
+    for path in train_shards:
+        for r in pq.read_table(path, columns=cols).to_pylist():
+            if store is not None and r["positive_page_id"] not in store:
+                dropped += 1
+                continue
+            negs = tuple(n for n in (r["negative_page_ids"] or []) if store is None or n in store)
+            out.append(
+                TrainExample(
+                    r["query_id"], r["query"], r["query_lang"], r["positive_page_id"], r["source_page_id"], negs
+                )
+            )
+    return out, dropped
+
+
+def batch_plan(
+    examples: Sequence[TrainExample],
+    global_batch: int,
+    *,
+    seed: int,
+    epoch: int,
+    bucket_batches: int,
+    length: Any = None,
+) -> list[list[int]]:
+    """Example indices of every full global batch of ``epoch`` (the incomplete tail is dropped).
+
+    Deterministic in (seed, epoch): shuffle, sort by ``length(example)`` inside windows of
+    ``bucket_batches`` batches, cut into batches, shuffle the batches.
+    """
+    rng = random.Random(int(hash_id("plan", seed, epoch, n=12), 16))
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    if bucket_batches > 1 and length is not None:
+        window = global_batch * bucket_batches
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda j: length(examples[j]))
+        ]
+    batches = [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class Batch:
+    """One rank's micro-batch. ``pos``: ``[B]`` index of each query's positive in the gathered document
+    list; ``valid``: ``[B, N_global]`` (see :mod:`training.losses`); ``doc_counts``: documents per rank
+    before padding (every rank pads its documents to ``max(doc_counts)`` for the gather)."""
+
+    queries: dict[str, torch.Tensor]
+    docs: dict[str, torch.Tensor]
+    pos: torch.Tensor
+    valid: torch.Tensor
+    doc_counts: list[int]
+    query_ids: list[str] = field(default_factory=list)
+    doc_ids: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> Batch:
+        def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+        return Batch(
+            move(self.queries),
+            move(self.docs),
+            self.pos.to(device),
+            self.valid.to(device),
+            self.doc_counts,
+            self.query_ids,
+            self.doc_ids,
+        )
+
+
+class PromptFormatter:
+    """Prompt templates + the processor: texts/pages → model inputs (left padded)."""
+
+    def __init__(self, processor: Any, prompts: PromptSettings) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.prompts = prompts
+        ip = processor.image_processor
+        size = getattr(ip, "size", None) or {}
+        self.image_side = int(size.get("height") or size.get("shortest_edge") or 224)
+
+    def _eos(self) -> str:
+        return self.tokenizer.eos_token if self.prompts.append_eos and self.tokenizer.eos_token else ""
+
+    def _truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
+
+    def query_texts(self, queries: Sequence[str]) -> list[str]:
+        mx = self.prompts.max_query_tokens
+        return [self.prompts.query.format(query=self._truncate(q, mx)) + self._eos() for q in queries]
+
+    def doc_texts(self, pages: Sequence[PageView]) -> list[str]:
+        image_token = self.processor.boi_token if hasattr(self.processor, "boi_token") else "<image>"
+        out = []
+        for p in pages:
+            text = ""
+            if self.prompts.doc_text == "region_text" and p.text:
+                text = self._truncate(p.text, self.prompts.max_doc_text_tokens)
+            prompt = self.prompts.document.replace(IMAGE_PLACEHOLDER, image_token).replace("{text}", text)
+            out.append(prompt + self._eos())
+        return out
+
+    def queries(self, queries: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(self.query_texts(queries), padding="longest", add_special_tokens=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def documents(self, pages: Sequence[PageView]) -> dict[str, torch.Tensor]:
+        images = [[decode_image(p.image_png, self.image_side)] for p in pages]
+        enc = self.processor(text=self.doc_texts(pages), images=images, padding="longest", return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+class Collator:
+    """Global batch (example indices) → this rank's :class:`Batch`, deterministic in (seed, micro-step)."""
+
+    def __init__(
+        self,
+        formatter: PromptFormatter,
+        store: PageStore,
+        examples: Sequence[TrainExample],
+        *,
+        num_negatives: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.formatter = formatter
+        self.store = store
+        self.examples = examples
+        self.num_negatives = num_negatives
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def negatives(self, ex: TrainExample, micro_step: int) -> list[str]:
+        if self.num_negatives <= 0 or not ex.negative_page_ids:
+            return []
+        rng = random.Random(int(hash_id("neg", self.seed, micro_step, ex.query_id, n=12), 16))
+        pool = list(ex.negative_page_ids)
+        return pool if len(pool) <= self.num_negatives else rng.sample(pool, self.num_negatives)
+
+    def layout(self, global_batch: Sequence[int], micro_step: int) -> list[tuple[list[int], list[str]]]:
+        """Per rank: (example indices, document page ids = positives then negatives)."""
+        per = len(global_batch) // self.world_size
+        out = []
+        for r in range(self.world_size):
+            idx = list(global_batch[r * per : (r + 1) * per])
+            exs = [self.examples[i] for i in idx]
+            docs = [e.positive_page_id for e in exs]
+            for e in exs:
+                docs += self.negatives(e, micro_step)
+            out.append((idx, docs))
+        return out
+
+    def __call__(self, global_batch: Sequence[int], micro_step: int) -> Batch:
+        layout = self.layout(global_batch, micro_step)
+        counts = [len(d) for _, d in layout]
+        width = max(counts)
+        # global document list: rank r's docs occupy [r * width, r * width + counts[r])
+        doc_groups: list[str | None] = []
+        for _, docs in layout:
+            doc_groups += [self.store.group(p) for p in docs] + [None] * (width - len(docs))
+        idx, docs = layout[self.rank]
+        exs = [self.examples[i] for i in idx]
+        offset = self.rank * width
+        pos = torch.arange(len(exs), dtype=torch.long) + offset
+        valid = torch.tensor(
+            [[g is not None and g != e.source_page_id for g in doc_groups] for e in exs], dtype=torch.bool
+        )
+        pages = [self.store.get(p) for p in docs]
+        return Batch(
+            queries=self.formatter.queries([e.query for e in exs]),
+            docs=self.formatter.documents(pages),
+            pos=pos,
+            valid=valid,
+            doc_counts=counts,
+            query_ids=[e.query_id for e in exs],
+            doc_ids=docs,
+        )
+
+
+def example_length(store: PageStore, prompts: PromptSettings):
+    """Bucketing key: query characters + (page text characters when the text is in the prompt)."""
+    with_text = prompts.doc_text == "region_text"
+
+    def length(ex: TrainExample) -> int:
+        n = len(ex.query)
+        if with_text:
+            n += min(store.text_len(ex.positive_page_id), 4 * prompts.max_doc_text_tokens)
+        return n
+
+    return length
