@@ -19,6 +19,7 @@ from tqdm import tqdm
 from tasks import languages
 from tasks.models import build_recipe, load_profile
 from tasks.pages import (
+    changed_sources,
     ingest_base_hash,
     ingest_config,
     ingest_shard_task,
@@ -100,6 +101,10 @@ def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
         logger.warning("skipping unknown language codes: %s", ", ".join(unknown))
 
     refs = scan_sources(params.sources)
+    changed = changed_sources(refs, manifest)
+    if changed:
+        manifest.supersede({sid: f"changed: {uri}" for sid, uri in changed.items()})
+        logger.info("%d source files changed since their last ingest; old versions superseded", len(changed))
     ingest_base = ingest_base_hash(profile, fps["layout"])
     done = {
         sid

@@ -221,7 +221,7 @@ def ingest_shard(
         rel_path=rel,
         cfg_hash=cfg_hash,
         sources=[s.source_id for s in sources],
-        extra={"ingest_base": base},
+        extra={"ingest_base": base, "uris": {s.source_id: s.uri for s in sources}},
     )
     return ShardResult(shard_name, "pages", "en", rel, len(records), len(rejects), skipped=False)
 
@@ -423,6 +423,21 @@ def source_page_count(ref: SourceRef) -> int:
         return max(n, 1)
     except Exception:
         return 1
+
+
+def changed_sources(refs: list[SourceRef], manifest: Manifest) -> dict[str, str]:
+    """Recorded source ids whose file (same uri) now has different content: ``{old_id: uri}``.
+
+    Their pages stay on disk (shards are immutable) but are marked superseded in the manifest, so
+    later stages and readers skip them; the new content is ingested as a new source.
+    """
+    current = {r.uri: r.source_id for r in refs}
+    out: dict[str, str] = {}
+    for entry in manifest.shards("pages", "en"):
+        for sid, uri in entry.extra.get("uris", {}).items():
+            if uri in current and current[uri] != sid:
+                out[sid] = uri
+    return out
 
 
 def plan_en_shards(refs: list[SourceRef], pages_per_shard: int, done: set[str]) -> dict[str, list[SourceRef]]:

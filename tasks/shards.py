@@ -167,6 +167,19 @@ class Manifest:
             data["shards"] = dict(sorted(data["shards"].items()))
             write_bytes_atomic(json.dumps(data, indent=1, sort_keys=True).encode() + b"\n", self.path)
 
+    def supersede(self, source_ids: dict[str, str]) -> None:
+        """Mark sources whose file changed (``{source_id: reason}``); readers skip their pages."""
+        if not source_ids:
+            return
+        with self._locked():
+            data = self._read()
+            data.setdefault("superseded", {}).update(source_ids)
+            data["superseded"] = dict(sorted(data["superseded"].items()))
+            write_bytes_atomic(json.dumps(data, indent=1, sort_keys=True).encode() + b"\n", self.path)
+
+    def superseded(self) -> dict[str, str]:
+        return dict(self._read().get("superseded", {}))
+
     def is_complete(self, name: str, cfg_hash: str, *, verify: bool = True) -> bool:
         """True when ``name`` is recorded for this config and its file is intact on disk."""
         entry = self.get(name)

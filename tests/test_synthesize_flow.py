@@ -188,3 +188,9 @@ def test_rerun_with_one_new_document_processes_only_its_shards(tmp_path, tiny_mo
     new_en = Manifest(tmp_path / "out").get(next(s["name"] for s in worked if s["lang"] == "en"))
     assert new_en is not None and new_en.sources == [source_id(src / "table_page.pdf")]
     assert second["pages_per_lang"]["en"] == first["pages_per_lang"]["en"] + 1
+    # A changed file (same name, new bytes) is ingested as a new source; the old version is superseded.
+    old_id = source_id(src / "title_page.pdf")
+    shutil.copy(SAMPLES / "contents_page.pdf", src / "title_page.pdf")
+    third = _run(src, tmp_path / "out", langs="hi")
+    assert len([s for s in third["shards"] if not s["skipped"]]) == 2
+    assert Manifest(tmp_path / "out").superseded() == {old_id: "changed: title_page.pdf"}

@@ -7,6 +7,7 @@ Used by tests/test_queries_vllm.py and benchmarks/queries.py. Not a test module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -138,7 +139,9 @@ class VllmServer:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited during start-up; see {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vLLM server exited during start-up; see {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 r = httpx.get(f"{self.base_url}/models", headers=headers, timeout=2.0)
                 if r.status_code == 200:
@@ -161,10 +164,8 @@ class VllmServer:
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(timeout=10)
 
     def restart(self, down_s: float = 0.0) -> None:

@@ -169,10 +169,12 @@ def build_retriever(model_dir: Path, config: TrainConfig, *, for_training: bool 
 
 
 def retriever_meta(config: TrainConfig, *, base_model: str, merged: bool, hidden_size: int) -> dict[str, Any]:
-    """What a loader needs besides weights (written as ``retriever.json``)."""
+    """What a loader needs besides weights (written as ``retriever.json``): the base model's local path
+    and its source string (``recipe:…``/``hf:…``, re-resolved when the path does not exist here)."""
     return {
         "format": "m3dr-retriever/1",
         "base_model": base_model,
+        "base_model_source": config.model,
         "merged": merged,
         "retriever": config.retriever,
         "hidden_size": hidden_size,
