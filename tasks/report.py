@@ -93,12 +93,25 @@ def summarize_run(
 
 
 def summary_markdown(
-    summary: RunSummary, *, title: str = "m3dr synthesize", embed_images: bool = True
+    summary: RunSummary,
+    *,
+    queries: dict | None = None,
+    title: str = "m3dr synthesize",
+    embed_images: bool = True,
 ) -> str:
     """Markdown for the Prefect artifact and ``artifacts/summary.md``."""
     lines = [f"# {title}", "", f"Output: `{summary.root}` · {summary.shards} pages shards", ""]
     lines += ["## Pages per language", "", "| lang | pages |", "|---|---:|"]
     lines += [f"| {lang} | {n} |" for lang, n in summary.pages_per_lang.items()]
+    if queries is not None:
+        lines += ["", f"## Queries ({queries['queries']}, {queries['cross_lingual']} cross-lingual)", ""]
+        lines += ["| lang/kind (monolingual) | queries |", "|---|---:|"]
+        lines += [f"| {k} | {n} |" for k, n in queries["mono_per_lang_kind"].items()]
+        lines += [
+            "",
+            f"Train rows: {queries['train_rows']} · negatives per query: "
+            f"{queries['negatives_per_query']:.2f}",
+        ]
     lines += ["", f"## Rejects by reason ({summary.total_rejects})", ""]
     if summary.rejects_by_reason:
         lines += ["| reason | rows |", "|---|---:|"]

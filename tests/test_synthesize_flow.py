@@ -14,14 +14,12 @@ pytestmark = pytest.mark.slow
 
 
 def _small_sources(tmp_path: Path, bad: Path) -> Path:
-    """Two bundled sample pages (one born-digital PDF, one image) plus every broken input."""
+    """Three bundled sample pages (born-digital PDFs in the train split, an image page in the benchmark
+    split: splits are a hash of the content) plus every broken input."""
     src = tmp_path / "sources"
     src.mkdir()
-    pdfs = sorted(SAMPLES.glob("*.pdf"))
-    images = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    assert pdfs and images, "bundled samples missing"
-    shutil.copy(pdfs[0], src / pdfs[0].name)
-    shutil.copy(images[0], src / images[0].name)
+    for name in ("title_page.pdf", "table_page.pdf", "page_image.png"):
+        shutil.copy(SAMPLES / name, src / name)
     for f in bad.iterdir():
         shutil.copy(f, src / f.name)
     return src
@@ -177,11 +175,13 @@ def test_rerun_with_one_new_document_processes_only_its_shards(tmp_path, tiny_mo
     src.mkdir()
     shutil.copy(SAMPLES / "title_page.pdf", src / "title_page.pdf")
     first = _run(src, tmp_path / "out", langs="hi")
-    assert first["shards_worked"] == 2  # English + Hindi
+    assert first["shards_worked"] == 4  # English, Hindi, queries, train shards of the one group
     shutil.copy(SAMPLES / "table_page.pdf", src / "table_page.pdf")
     second = _run(src, tmp_path / "out", langs="hi")
     worked = [s for s in second["shards"] if not s["skipped"]]
-    assert len(worked) == 2, worked  # only the new document's English + Hindi shards
+    assert len(worked) == 4, worked  # only the new document's group
+    key = next(s["name"] for s in worked if s["lang"] == "en").removeprefix("pages-en-")
+    assert all(s["name"].endswith(key) for s in worked)
     from tasks.extract import source_id
     from tasks.shards import Manifest
 
@@ -192,5 +192,58 @@ def test_rerun_with_one_new_document_processes_only_its_shards(tmp_path, tiny_mo
     old_id = source_id(src / "title_page.pdf")
     shutil.copy(SAMPLES / "contents_page.pdf", src / "title_page.pdf")
     third = _run(src, tmp_path / "out", langs="hi")
-    assert len([s for s in third["shards"] if not s["skipped"]]) == 2
+    assert len([s for s in third["shards"] if not s["skipped"]]) == 4
     assert Manifest(tmp_path / "out").superseded() == {old_id: "changed: title_page.pdf"}
+
+
+def _table(out: Path, kind: str) -> list[dict]:
+    rows: list[dict] = []
+    for f in sorted(out.glob(f"{kind}/*.parquet")):
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def test_queries_cover_every_requested_language_pair(flow_runs):
+    out = Path(flow_runs["first"]["out"])
+    queries = _table(out, "queries")
+    pages = _table(out, "pages/*")
+    langs_of_group: dict[str, set[str]] = {}
+    for p in pages:
+        langs_of_group.setdefault(p["source_page_id"], set()).add(p["lang"])
+    mono = {(q["query_lang"], q["source_page_id"]) for q in queries if not q["cross_lingual"]}
+    pairs = {(q["query_lang"], q["target_lang"]) for q in queries if q["cross_lingual"]}
+    expected = set()
+    for lang_a, group in mono:
+        for lang_b in langs_of_group[group]:
+            if lang_b != lang_a:
+                expected.add((lang_a, lang_b))
+    assert expected, "some parallel groups have queries"
+    assert expected <= pairs
+    assert {a for a, _ in pairs} >= {"en"} and {"hi", "ar"} & {b for _, b in pairs}
+    for q in queries:
+        assert q["cross_lingual"] == (q["query_lang"] != q["target_lang"])
+
+
+def test_train_rows_never_use_parallel_pages_as_negatives(flow_runs):
+    out = Path(flow_runs["first"]["out"])
+    pages = {p["page_id"]: p for p in _table(out, "pages/*")}
+    rows = _table(out, "train")
+    assert rows, "train shards written"
+    mined = 0
+    for r in rows:
+        assert r["positive_page_id"] in r["parallel_page_ids"]
+        assert not set(r["negative_page_ids"]) & set(r["parallel_page_ids"])
+        for neg, score in zip(r["negative_page_ids"], r["negative_scores"], strict=True):
+            assert pages[neg]["source_page_id"] != r["source_page_id"]
+            assert score < 0.95 * r["positive_score"]
+            mined += 1
+    assert mined > 0, "the bm25 miner found negatives"
+
+
+def test_no_source_document_is_in_two_splits(flow_runs):
+    out = Path(flow_runs["first"]["out"])
+    split_of: dict[str, set[str]] = {}
+    for r in _table(out, "queries") + _table(out, "train"):
+        split_of.setdefault(r["source_id"], set()).add(r["split"])
+    assert split_of and all(len(s) == 1 for s in split_of.values())
+    assert all(r["split"] in ("train", "dev") for r in _table(out, "train"))

@@ -82,11 +82,23 @@ def build_toy_corpus(
     span: int = 3,
     train_spans: int = 5,
     eval_spans: int = 2,
+    heldout: str = "keywords",
     k_negatives: int = 2,
     page_size: tuple[int, int] = (320, 440),
     seed: int = 0,
 ) -> ToyCorpus:
-    """Write ``pages/pages-en-00000.parquet`` and ``train/train-00000.parquet`` under ``out_dir``."""
+    """Write ``pages/pages-en-00000.parquet`` and ``train/train-00000.parquet`` under ``out_dir``.
+
+    Training queries are ``train_spans`` contiguous ``span``-word phrases per page. Held-out queries
+    (``eval_spans`` per page, never a training query's text):
+
+    - ``heldout="keywords"``: ``span`` words drawn from anywhere on the page, in random order (new
+      keyword combinations about pages the retriever was trained on: the standard held-out-query split);
+    - ``heldout="spans"``: phrases at positions no training query covers (words never seen in a
+      training query of that page: a much harder, pure generalisation test).
+    """
+    if heldout not in ("keywords", "spans"):
+        raise ValueError(f"heldout must be 'keywords' or 'spans', got {heldout!r}")
     rng = random.Random(seed)
     words = vocabulary()
     source_id = hash_id("toy-corpus", seed, n_pages)
@@ -122,8 +134,16 @@ def build_toy_corpus(
         )
         chunks = [page_words[k : k + span] for k in range(0, len(page_words) - span + 1, span)]
         rng.shuffle(chunks)
+        if heldout == "keywords":
+            train_texts = {" ".join(c) for c in chunks[:train_spans]}
+            extra = []
+            while len(extra) < eval_spans:
+                cand = rng.sample(page_words, span)
+                if " ".join(cand) not in train_texts:
+                    extra.append(cand)
+            chunks = chunks[:train_spans] + extra
         spans[pid] = chunks
-    cfg = hash_id("toy", seed, n_pages, regions_per_page, words_per_region, span, train_spans, eval_spans)
+    cfg = hash_id("toy", seed, n_pages, regions_per_page, words_per_region, span, train_spans, eval_spans, heldout)
     pages_entry = commit_shard(
         out_dir,
         pages_table(records),
