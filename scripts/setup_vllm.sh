@@ -14,9 +14,17 @@
 #   torch 2.13.0+cpu ("operator torchvision::nms does not exist") and transformers then fails to import
 #   some modules: uninstall all three. Text-only serving does not need them.
 # - The constraint file pip is configured with here (torch<=2.14.1) is fine for 2.13.0.
-# - Start the server with `python -m vllm.entrypoints.openai.api_server` (see tests/vllm_server.py).
+# - This machine's pip config lists extra index dirs that may not exist: pip prints one
+#   "WARNING: Location ... is ignored" per package. Harmless; filtered out below.
+# Serving traps (tests/vllm_server.py holds the flags):
+# - Start the server with `python -m vllm.entrypoints.openai.api_server` (deprecated but works in 0.32).
 # - CPU attention rejects head_dim 16: the tiny model (recipe llm-tiny) uses head_dim 64.
 # - Keep VLLM_CPU_KVCACHE_SPACE small (GiB) and --max-model-len small: the machine is shared.
+# - --enforce-eager: skips the torch.compile warm-up; start-up ~50 s -> ~20 s on 2 cores.
+# - A per-request `seed` kills the engine when the prompt is prefilled in chunks
+#   ("RuntimeError: CPU Generator does not use offset"); the client sends no seed by default.
+# - JSON-schema output from a random model fills its budget with whitespace unless the server runs
+#   with --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +36,7 @@ EXTRA_PINS=("transformers<5.20")
 STAMP="$VENV/.m3dr-vllm-ok"
 WANT="$TORCH_PIN $VLLM_PIN ${EXTRA_PINS[*]}"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
   echo "setup_vllm: $VENV is up to date ($WANT)"
   exit 0
 fi
@@ -36,11 +44,13 @@ fi
 start=$(date +%s)
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip)
-"${PIP[@]}" install -q --upgrade pip
-"${PIP[@]}" install -q "$TORCH_PIN"
-"${PIP[@]}" install -q "$VLLM_PIN" "$TORCH_PIN" "${EXTRA_PINS[@]}"
-"${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+pip_() {  # quiet pip, without the per-package "Location ... is ignored" noise
+  "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+pip_ install -q --upgrade pip
+pip_ install -q "$TORCH_PIN"  # the CPU wheel from local disk, before anything can pull a CUDA build
+pip_ install -q "$VLLM_PIN" "$TORCH_PIN" "${EXTRA_PINS[@]}"
+pip_ uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm
 assert torch.__version__.startswith("2.13.0"), torch.__version__

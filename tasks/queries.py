@@ -302,27 +302,31 @@ class FilterConfig:
         return cls(**cfg)
 
 
-def _longest_common_run(query_toks: list[str], page_toks: list[str]) -> int:
-    """Length of the longest contiguous token sequence of the query that also occurs in the page."""
-    best = 0
-    if not query_toks or not page_toks:
-        return 0
-    k = 1
-    while k <= len(query_toks):
-        grams = {tuple(page_toks[i : i + k]) for i in range(len(page_toks) - k + 1)}
-        if any(tuple(query_toks[i : i + k]) in grams for i in range(len(query_toks) - k + 1)):
-            best = k
-            k += 1
-        else:
-            break
-    return best
-
-
 @dataclass
 class _PageFacts:
+    """What the filters need of one page, computed once per (page, language)."""
+
     tokens: list[str]
     instructions: list[str]
     payloads: list[str]
+    _grams: dict[int, set[tuple[str, ...]]] = field(default_factory=dict)
+
+    def grams(self, k: int) -> set[tuple[str, ...]]:
+        if k not in self._grams:
+            t = self.tokens
+            self._grams[k] = {tuple(t[i : i + k]) for i in range(len(t) - k + 1)}
+        return self._grams[k]
+
+
+def _longest_common_run(query_toks: list[str], page: _PageFacts) -> int:
+    """Length of the longest contiguous token sequence of the query that also occurs in the page."""
+    best = 0
+    for k in range(1, len(query_toks) + 1):  # a run of k implies runs of every shorter length
+        grams = page.grams(k)
+        if not any(tuple(query_toks[i : i + k]) in grams for i in range(len(query_toks) - k + 1)):
+            break
+        best = k
+    return best
 
 
 def _page_facts(text: str, lang: str) -> _PageFacts:
@@ -355,7 +359,7 @@ def check_query(
     # 4. verbatim copy (generative kinds only)
     if q.kind not in cfg.copy_exempt_kinds:
         q_toks = tokens(text, lang.iso)
-        run = _longest_common_run(q_toks, facts.tokens)
+        run = _longest_common_run(q_toks, facts)
         factor = 1 if _uses_words(lang.iso) else 2
         if run >= cfg.max_copy_units * factor or (
             len(q_toks) >= 4 * factor and run / len(q_toks) >= cfg.max_copy_share

@@ -364,3 +364,6 @@ def build_doclayout_yolo_tiny(out_dir: Path) -> Path:
 
 RECIPES["nllb-tiny"] = build_nllb_tiny
 RECIPES["doclayout-yolo-tiny"] = build_doclayout_yolo_tiny
+
+import tasks.llm_recipes  # noqa: E402  (registers llm-tiny)
+import tasks.vlm_recipes  # noqa: E402,F401  (registers gemma3-tiny)

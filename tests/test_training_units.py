@@ -38,8 +38,11 @@ def test_matryoshka_is_weighted_sum_over_renormalised_prefixes() -> None:
     base = InfoNCELoss(0.1)
     loss = MatryoshkaLoss(base, [4, 8, 16], [1.0, 0.5, 2.0])(q, d, pos)
     expect = sum(
-        w * torch.nn.functional.cross_entropy(
-            torch.nn.functional.normalize(q[:, :k], dim=-1) @ torch.nn.functional.normalize(d[:, :k], dim=-1).T / 0.1,
+        w
+        * torch.nn.functional.cross_entropy(
+            torch.nn.functional.normalize(q[:, :k], dim=-1)
+            @ torch.nn.functional.normalize(d[:, :k], dim=-1).T
+            / 0.1,
             pos,
         )
         for k, w in [(4, 1.0), (8, 0.5), (16, 2.0)]
@@ -57,7 +60,9 @@ def test_maxsim_and_colbert_loss_normalised_by_query_length() -> None:
     s = maxsim(q, qm, d, dm)
     for i in range(3):
         for j in range(4):
-            brute = sum(max(float(q[i, a] @ d[j, b]) for b in range(7) if dm[j, b]) for a in range(5) if qm[i, a])
+            brute = sum(
+                max(float(q[i, a] @ d[j, b]) for b in range(7) if dm[j, b]) for a in range(5) if qm[i, a]
+            )
             assert math.isclose(float(s[i, j]), brute, rel_tol=1e-5, abs_tol=1e-6)
     pos = torch.tensor([0, 1, 2])
     lengths = qm.sum(1, keepdim=True).float()
@@ -85,7 +90,7 @@ def test_recipe_uses_production_classes_and_live_projector(tiny_dir: Path) -> No
     assert isinstance(model, Gemma3ForConditionalGeneration)
     assert isinstance(proc, Gemma3Processor)
     assert model.config.vision_config.model_type == "siglip_vision_model"
-    assert float(model.model.multi_modal_projector.mm_input_projection_weight.abs().sum()) > 0
+    assert float(model.model.multi_modal_projector.mm_input_projection_weight.detach().abs().sum()) > 0
     ims = [[Image.new("RGB", (80, 100), "white")], [Image.new("RGB", (80, 100), "black")]]
     px = proc.image_processor(ims, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -113,7 +118,9 @@ def test_left_padding_does_not_change_embeddings(tiny_dir: Path) -> None:
     assert torch.allclose(alone["dense"].norm(dim=-1), torch.ones(1))
 
 
-def test_collator_negatives_parallel_group_mask_and_deterministic_plan(tmp_path: Path, tiny_dir: Path) -> None:
+def test_collator_negatives_parallel_group_mask_and_deterministic_plan(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
     from training.config import PromptSettings
     from training.data import Collator, PageStore, PromptFormatter, TrainExample, batch_plan
     from training.model import load_processor

@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,7 +49,7 @@ class TrainExample:
 class PageStore:
     """``page_id → PageView`` over memory-mapped pages shards (PAGES_SCHEMA)."""
 
-    _COLUMNS = ["page_id", "source_page_id", "lang", "text", "image"]
+    _COLUMNS: ClassVar[list[str]] = ["page_id", "source_page_id", "lang", "text", "image"]
 
     def __init__(self, shards: Sequence[Path]) -> None:
         self.tables: list[pa.Table] = []
@@ -106,7 +106,9 @@ def decode_image(png: bytes | None, target: int) -> Image.Image:
     return img
 
 
-def load_examples(train_shards: Sequence[Path], store: PageStore | None = None) -> tuple[list[TrainExample], int]:
+def load_examples(
+    train_shards: Sequence[Path], store: PageStore | None = None
+) -> tuple[list[TrainExample], int]:
     """All rows of the train shards (file order); rows whose positive is not in ``store`` are dropped.
 
     Returns (examples, dropped). Negatives missing from the store are dropped from the row.
@@ -122,7 +124,12 @@ def load_examples(train_shards: Sequence[Path], store: PageStore | None = None) 
             negs = tuple(n for n in (r["negative_page_ids"] or []) if store is None or n in store)
             out.append(
                 TrainExample(
-                    r["query_id"], r["query"], r["query_lang"], r["positive_page_id"], r["source_page_id"], negs
+                    r["query_id"],
+                    r["query"],
+                    r["query_lang"],
+                    r["positive_page_id"],
+                    r["source_page_id"],
+                    negs,
                 )
             )
     return out, dropped
@@ -220,12 +227,16 @@ class PromptFormatter:
         return out
 
     def queries(self, queries: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(self.query_texts(queries), padding="longest", add_special_tokens=True, return_tensors="pt")
+        enc = self.tokenizer(
+            self.query_texts(queries), padding="longest", add_special_tokens=True, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def documents(self, pages: Sequence[PageView]) -> dict[str, torch.Tensor]:
         images = [[decode_image(p.image_png, self.image_side)] for p in pages]
-        enc = self.processor(text=self.doc_texts(pages), images=images, padding="longest", return_tensors="pt")
+        enc = self.processor(
+            text=self.doc_texts(pages), images=images, padding="longest", return_tensors="pt"
+        )
         return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 

@@ -108,7 +108,7 @@ class VlmRetrieverEncoder:
     def from_backbone(
         cls, model_dir: str | Path, config: TrainConfig, *, dim: int | None = None, **kw: Any
     ) -> VlmRetrieverEncoder:
-        """The untrained baseline: the bare backbone with ``config``'s prompts (head seeded by config.seed)."""
+        """The untrained baseline: the bare backbone with ``config``'s prompts (head seeded by seed)."""
         model_dir = Path(model_dir)
         backbone = load_backbone(model_dir)
         torch.manual_seed(config.seed)
@@ -120,7 +120,12 @@ class VlmRetrieverEncoder:
             multivector_dim=config.multivector_dim,
         )
         return cls(
-            model, load_processor(model_dir), config.prompts, model_id=f"vlm-base:{model_dir.name}", dim=dim, **kw
+            model,
+            load_processor(model_dir),
+            config.prompts,
+            model_id=f"vlm-base:{model_dir.name}",
+            dim=dim,
+            **kw,
         )
 
     def truncated(self, dim: int) -> VlmRetrieverEncoder:
@@ -147,7 +152,8 @@ class VlmRetrieverEncoder:
 
     def _query_batches(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         return [
-            self.formatter.queries(list(texts[i : i + self.batch_size])) for i in range(0, len(texts), self.batch_size)
+            self.formatter.queries(list(texts[i : i + self.batch_size]))
+            for i in range(0, len(texts), self.batch_size)
         ]
 
     def _page_batches(self, pages: Sequence[PageView]) -> list[dict[str, torch.Tensor]]:

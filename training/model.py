@@ -83,7 +83,9 @@ class RetrieverModel(nn.Module):
             out["dense"] = F.normalize(last_token_pool(hidden).float(), dim=-1)
         if self.multivector:
             assert self.multi_head is not None
-            out["multi"] = F.normalize(self.multi_head(hidden.to(self.multi_head.weight.dtype)).float(), dim=-1)
+            out["multi"] = F.normalize(
+                self.multi_head(hidden.to(self.multi_head.weight.dtype)).float(), dim=-1
+            )
             out["mask"] = inputs["attention_mask"].bool()
         return out
 
@@ -97,7 +99,9 @@ class RetrieverModel(nn.Module):
         """Trainable head weights (saved beside the adapter)."""
         if self.multi_head is None:
             return {}
-        return {f"multi_head.{k}": v.detach().cpu().contiguous() for k, v in self.multi_head.state_dict().items()}
+        return {
+            f"multi_head.{k}": v.detach().cpu().contiguous() for k, v in self.multi_head.state_dict().items()
+        }
 
     def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.multi_head is not None:
@@ -185,7 +189,9 @@ def retriever_meta(config: TrainConfig, *, base_model: str, merged: bool, hidden
     }
 
 
-def save_weights(model: RetrieverModel, out: Path, meta: dict[str, Any], processor: Any | None = None) -> Path:
+def save_weights(
+    model: RetrieverModel, out: Path, meta: dict[str, Any], processor: Any | None = None
+) -> Path:
     """Adapter (peft ``save_pretrained``: adapter_config.json + adapter_model.safetensors) + heads
     (safetensors) + ``retriever.json`` (+ processor files) into ``out``."""
     from safetensors.torch import save_file

@@ -17,7 +17,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from tasks.encoders import PageView
-from tasks.negatives import BM25Miner, MiningParams, QueryView, mine_negatives, mined_to_train_rows, train_table
+from tasks.negatives import (
+    BM25Miner,
+    MiningParams,
+    QueryView,
+    mine_negatives,
+    mined_to_train_rows,
+    train_table,
+)
 from tasks.schema import PageRecord, Region, pages_table
 from tasks.shards import commit_shard, hash_id
 
@@ -143,7 +150,9 @@ def build_toy_corpus(
                     extra.append(cand)
             chunks = chunks[:train_spans] + extra
         spans[pid] = chunks
-    cfg = hash_id("toy", seed, n_pages, regions_per_page, words_per_region, span, train_spans, eval_spans, heldout)
+    cfg = hash_id(
+        "toy", seed, n_pages, regions_per_page, words_per_region, span, train_spans, eval_spans, heldout
+    )
     pages_entry = commit_shard(
         out_dir,
         pages_table(records),

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -176,7 +176,11 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE_MARK).exists()]
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE_MARK).exists()
+    ]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -323,7 +327,12 @@ def _iter_batches(ds: _MicroBatches, num_workers: int) -> Iterator[Batch]:
             yield ds[i]
         return
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, shuffle=False, num_workers=num_workers, prefetch_factor=2, persistent_workers=False
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        prefetch_factor=2,
+        persistent_workers=False,
     )
     yield from loader
 
@@ -331,7 +340,9 @@ def _iter_batches(ds: _MicroBatches, num_workers: int) -> Iterator[Batch]:
 # ------------------------------------------------------------------------------------------ train
 
 
-def train(config: TrainConfig, train_shards: Sequence[Path], pages_shards: Sequence[Path], out_dir: Path) -> TrainResult:
+def train(
+    config: TrainConfig, train_shards: Sequence[Path], pages_shards: Sequence[Path], out_dir: Path
+) -> TrainResult:
     """Train the retriever(s) of ``config`` on train shards over pages shards; write checkpoints and the
     final adapter + heads (``out_dir/final``) and return the loss history.
 
@@ -413,7 +424,8 @@ def train(config: TrainConfig, train_shards: Sequence[Path], pages_shards: Seque
         world_size=info.world_size,
     )
     batches = _iter_batches(
-        _MicroBatches(plan_for, collator, start * config.grad_accum, total * config.grad_accum), config.num_workers
+        _MicroBatches(plan_for, collator, start * config.grad_accum, total * config.grad_accum),
+        config.num_workers,
     )
     data_s = compute_s = 0.0
     last_ckpt = ckpt
@@ -438,7 +450,9 @@ def train(config: TrainConfig, train_shards: Sequence[Path], pages_shards: Seque
             compute_s += time.perf_counter() - t_comp
         t_comp = time.perf_counter()
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -451,12 +465,19 @@ def train(config: TrainConfig, train_shards: Sequence[Path], pages_shards: Seque
         done = step + 1
         if info.is_main:
             with log_path.open("a") as fh:
-                fh.write(json.dumps({"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}) + "\n")
+                fh.write(
+                    json.dumps({"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}) + "\n"
+                )
             if config.log_every and done % config.log_every == 0:
                 log.info("step %d/%d loss %.4f", done, total, step_loss)
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == total:
             if info.is_main:
-                state = {"step": done, "losses": losses, "config_hash": cfg_hash, "world_size": info.world_size}
+                state = {
+                    "step": done,
+                    "losses": losses,
+                    "config_hash": cfg_hash,
+                    "world_size": info.world_size,
+                }
                 last_ckpt = save_checkpoint(
                     out_dir, done, model, optimizer, scheduler, state, meta, config.keep_checkpoints
                 )
