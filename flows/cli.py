@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -61,6 +62,26 @@ def synthesize(
     typer.echo(f"rejects table      : {result['rejects_dir']}/*.parquet")
     typer.echo(f"artifact           : {result['artifact']} (and 'synthesize-summary' in Prefect)")
     typer.echo(f"shard tasks        : {len(result['shards'])} ({result['shards_worked']} did work)")
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="Output root of a synthesize run.")] = "out/demo",
+    out: Annotated[str, typer.Option(help="Run directory (checkpoints, final adapter).")] = "out/train",
+    retriever: Annotated[str, typer.Option(help="dense, multivector or both.")] = "both",
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    gpus: Annotated[int, typer.Option(help="0: all visible GPUs (or 1 CPU process); >1: torchrun.")] = 0,
+    config: Annotated[str | None, typer.Option(help="JSON file with TrainConfig fields (overrides).")] = None,
+) -> None:
+    """Run the train-netra flow: LoRA contrastive training of the retrievers on synthesized shards."""
+    from flows.train import TrainParams, train_netra
+    from training.config import TrainConfig
+
+    fields = json.loads(Path(config).read_text()) if config else {}
+    fields.setdefault("retriever", retriever)
+    fields.setdefault("max_steps", max_steps)
+    result = train_netra(TrainParams(data=data, out=out, gpus=gpus, config=TrainConfig(**fields)))
+    typer.echo(f"trained {result['steps']} steps in {result['seconds']:.1f} s → {result['final_dir']}")
 
 
 @models_app.command("build")

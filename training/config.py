@@ -59,6 +59,7 @@ class TrainConfig(BaseModel):
     # data
     batch_size: int = 8  # queries per device per micro-batch
     num_negatives: int = 1  # mined hard negatives per query (0: in-batch only)
+    splits: list[str] = Field(default_factory=lambda: ["train"])  # train-shard rows to learn from
     bucket_batches: int = 8  # length bucketing: sort within windows of this many batches
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     # optimisation

@@ -107,17 +107,28 @@ def decode_image(png: bytes | None, target: int) -> Image.Image:
 
 
 def load_examples(
-    train_shards: Sequence[Path], store: PageStore | None = None
+    train_shards: Sequence[Path], store: PageStore | None = None, splits: Sequence[str] = ("train",)
 ) -> tuple[list[TrainExample], int]:
-    """All rows of the train shards (file order); rows whose positive is not in ``store`` are dropped.
+    """Rows of the train shards in ``splits`` (file order; dev rows stay out of training by default);
+    rows whose positive is not in ``store`` are dropped.
 
     Returns (examples, dropped). Negatives missing from the store are dropped from the row.
     """
-    cols = ["query_id", "query", "query_lang", "positive_page_id", "source_page_id", "negative_page_ids"]
+    cols = [
+        "query_id",
+        "query",
+        "query_lang",
+        "positive_page_id",
+        "source_page_id",
+        "negative_page_ids",
+        "split",
+    ]
     out: list[TrainExample] = []
     dropped = 0
     for path in train_shards:
         for r in pq.read_table(path, columns=cols).to_pylist():
+            if r["split"] not in splits:
+                continue
             if store is not None and r["positive_page_id"] not in store:
                 dropped += 1
                 continue

@@ -360,7 +360,7 @@ def train(
     model_dir = resolve_model_dir(config.model, info)
     processor = load_processor(model_dir)
     store = PageStore([Path(p) for p in pages_shards])
-    examples, dropped = load_examples([Path(p) for p in train_shards], store)
+    examples, dropped = load_examples([Path(p) for p in train_shards], store, config.splits)
     if dropped:
         log.warning("%d train rows skipped: positive page not in the pages shards", dropped)
     global_batch = config.batch_size * info.world_size
