@@ -35,15 +35,16 @@ def synthesize(
     ] = False,
 ) -> None:
     """Run the synthesize flow: English pages → layout → text → translation → re-rendered pages."""
+    fmts = sorted({f.strip() for f in formats.split(",") if f.strip()} | {"png"})
+    bad = [f for f in fmts if f not in ("png", "pdf")]
+    if bad:
+        raise typer.BadParameter(f"unknown format(s) {bad}; use png and/or pdf", param_hint="--formats")
+
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.synthesize import SynthesizeParams
     from flows.synthesize import synthesize as flow
 
-    fmts = sorted({f.strip() for f in formats.split(",") if f.strip()} | {"png"})
-    bad = [f for f in fmts if f not in ("png", "pdf")]
-    if bad:
-        raise typer.BadParameter(f"unknown format(s) {bad}; use png and/or pdf", param_hint="--formats")
     params = SynthesizeParams(
         sources=sources,
         langs=langs,

@@ -14,6 +14,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: fail fast instead
 
+# Import Prefect (and let it configure logging) against the real stdout/stderr before any test swaps
+# them (typer's CliRunner does): handlers bound to a swapped stream fail once it is closed.
+import prefect  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "assets" / "samples"
 

@@ -173,9 +173,12 @@ def test_pdf_pages_are_rendered_within_limits(tmp_path: Path) -> None:
         assert (round(w_pt), round(h_pt)) == (595, 842)
         assert p.scale == pytest.approx(1000 / h_pt)
         assert abs(p.image.height - h_pt * p.scale) <= 1
-    # at a low dpi the dpi decides, not max_side
-    small = _first_page(pdf, dpi=36, max_side=2000)
+    # at a low dpi the dpi decides, not max_side (min_side=0: no upscaling of small pages)
+    small = _first_page(pdf, dpi=36, max_side=2000, min_side=0)
     assert small.scale == pytest.approx(0.5) and small.image.height == pytest.approx(421, abs=1)
+    # ... and by default a page rendered that small is scaled up to a legible long side of min_side
+    legible = _first_page(pdf, dpi=36, max_side=2000)
+    assert max(legible.image.size) == pytest.approx(1024, abs=1)
 
 
 def test_text_layer_fills_regions_in_reading_order(two_col_pdf: Path, detector) -> None:
@@ -282,7 +285,7 @@ def test_bad_pdf_page_is_reported_and_good_pages_kept(tmp_path: Path) -> None:
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
     path = tmp_path / "mixed.pdf"
     path.write_bytes(bytes(out))
-    items = list(iter_source_pages(path, dpi=72))
+    items = list(iter_source_pages(path, dpi=72, min_side=0))
     assert [type(i).__name__ for i in items] == ["SourcePage", "SourceError", "SourceError", "SourcePage"]
     assert [(e.reason, e.page_index) for e in items[1:3]] == [
         (RejectReason.UNREADABLE, 1),

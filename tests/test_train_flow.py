@@ -27,7 +27,8 @@ def test_train_netra_flow_trains_both_retrievers(tmp_path: Path, tiny_models, pr
     result = train_netra(params)
     assert result["steps"] == 4
     final = Path(result["final_dir"])
-    assert (final / "adapter_model.safetensors").is_file()
+    assert (final / "adapter" / "adapter_model.safetensors").is_file()
+    assert (final / "heads.safetensors").is_file()
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
     md = Artifact.get("train-netra-loss-curve")
     assert md is not None and "data:image/png;base64," in md.data
