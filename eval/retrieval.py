@@ -13,19 +13,18 @@ GEMM. Chunks of 4096 docs keep the up-cast copy cache-sized (65536-doc chunks we
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from tasks.shards import atomic_write, write_bytes_atomic
 
 TensorLike = torch.Tensor | np.ndarray
 
@@ -317,7 +316,7 @@ class FaissIndex:
     def save(self, path: Path) -> None:
         """Write the index atomically."""
         data = self._faiss.serialize_index(self.index).tobytes()
-        _write_bytes_atomic(data, Path(path))
+        write_bytes_atomic(data, Path(path))
 
     @classmethod
     def load(cls, path: Path) -> FaissIndex:
@@ -334,40 +333,6 @@ class FaissIndex:
 
 # ----------------------------------------------------------------------------------------------------
 # embedding cache
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_path_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then fsync + rename onto ``path`` (readers never see a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    _atomic_path_write(path, write)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -442,7 +407,7 @@ class EmbeddingCache:
         meta = {"model": model_fp, "dataset": dataset_fp, "kind": kind, **(extra or {})}
         data = {k: _as_tensor(v).contiguous() for k, v in tensors.items()}
         p = self.path(model_fp, dataset_fp, kind)
-        _atomic_path_write(p, lambda tmp: save_file(data, tmp, metadata=meta))
+        atomic_write(p, lambda tmp: save_file(data, tmp, metadata=meta))
         return p
 
     def get_or_compute(

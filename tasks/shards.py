@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,32 +69,17 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_bytes_atomic(data: bytes, path: Path) -> None:
-    """Write bytes to ``path`` via temp file + fsync + rename (readers never see a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it and rename it onto ``path``.
 
-
-def write_table_atomic(table: pa.Table, path: Path) -> str:
-    """Write a Parquet table atomically; returns the file's sha256."""
+    Readers never see a partial file; on any failure the temp file is removed and ``path`` keeps its
+    old content.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        opts = dict(_PARQUET_OPTS)
-        opts["use_dictionary"] = [c for c in opts["use_dictionary"] if c in table.column_names]
-        pq.write_table(table, tmp, **opts)
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -103,6 +88,18 @@ def write_table_atomic(table: pa.Table, path: Path) -> str:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write bytes to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> str:
+    """Write a Parquet table atomically with the project's fixed writer options; returns its sha256."""
+    opts = dict(_PARQUET_OPTS)
+    opts["use_dictionary"] = [c for c in opts["use_dictionary"] if c in table.column_names]
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, **opts))
     return file_sha256(path)
 
 
