@@ -14,13 +14,14 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export M3DR_MODELS ?= $(CURDIR)/models
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv vllm models demo test lint format bench clean
+.PHONY: help venv vllm models demo test lint format bench serve stop clean
 
 help:
 	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT)"
 	@echo "make test   - set up, build tiny models, lint and run the test suite"
 	@echo "make models - build the tiny offline models into $(M3DR_MODELS)"
 	@echo "make bench  - performance scripts (ratios measured side by side)"
+	@echo "make serve  - local Prefect server + UI (127.0.0.1:4200), deployments, a worker; make stop"
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,6 +57,12 @@ lint: venv
 test: models vllm lint
 	M3DR_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+serve: models
+	bash scripts/serve.sh
+
+stop:
+	bash scripts/stop.sh
+
 format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -67,4 +74,4 @@ bench: models vllm
 	$(BIN)/python benchmarks/search.py
 
 clean:
-	rm -rf out .prefect .pytest_cache .ruff_cache
+	rm -rf out .prefect .serve .pytest_cache .ruff_cache
