@@ -72,6 +72,7 @@ bench: models vllm
 	$(BIN)/python benchmarks/queries.py
 	$(BIN)/python benchmarks/negatives.py
 	$(BIN)/python benchmarks/search.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf out .prefect .serve .pytest_cache .ruff_cache

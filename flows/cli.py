@@ -30,6 +30,8 @@ def synthesize(
     formats: Annotated[str, typer.Option(help="png, or png,pdf for PDFs with a text layer too.")] = "png",
     pages_per_shard: Annotated[int, typer.Option(help="Pages per shard (one Prefect task each).")] = 512,
     workers: Annotated[int, typer.Option(help="Parallel shard tasks (threads).")] = 2,
+    dask_address: Annotated[str | None, typer.Option(help="Run shard tasks on this Dask scheduler.")] = None,
+    dask_workers: Annotated[int, typer.Option(help="Start a local Dask cluster with N processes.")] = 0,
     no_build: Annotated[
         bool, typer.Option("--no-build", help="Fail instead of building missing models.")
     ] = False,
@@ -39,8 +41,6 @@ def synthesize(
     bad = [f for f in fmts if f not in ("png", "pdf")]
     if bad:
         raise typer.BadParameter(f"unknown format(s) {bad}; use png and/or pdf", param_hint="--formats")
-
-    from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.synthesize import SynthesizeParams
     from flows.synthesize import synthesize as flow
@@ -53,8 +53,11 @@ def synthesize(
         formats=fmts,
         pages_per_shard=pages_per_shard,
         build_models=not no_build,
+        workers=workers,
+        dask_address=dask_address,
+        dask_workers=dask_workers,
     )
-    result = flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(params)
+    result = flow(params)
     typer.echo("")
     typer.echo(f"pages per language : {json.dumps(result['pages_per_lang'])}")
     typer.echo(f"rejects by reason  : {json.dumps(result['rejects_by_reason'])}")

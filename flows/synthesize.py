@@ -55,6 +55,13 @@ class SynthesizeParams(BaseModel):
         description="png: page images (always); pdf: also a one-page PDF with a shaped text layer.",
     )
     pages_per_shard: int = Field(512, ge=1, le=8192, description="Pages per shard (= per Prefect task).")
+    workers: int = Field(2, ge=1, description="Shard tasks in parallel (threads) when no Dask is used.")
+    dask_address: str | None = Field(
+        None, description="Address of an existing Dask scheduler (tcp://host:8786): run shard tasks there."
+    )
+    dask_workers: int = Field(
+        0, ge=0, description="> 0: start a local Dask cluster with this many worker processes for the run."
+    )
     build_models: bool = Field(True, description="Build missing local recipe models before starting.")
     queries: bool = Field(True, description="Also synthesize queries and mine negatives into train shards.")
     cross_lingual: bool = Field(
@@ -79,10 +86,38 @@ def prepare_models(profile: dict[str, Any], build: bool) -> dict[str, str]:
     }
 
 
-@flow(name="synthesize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def task_runner(params: SynthesizeParams):
+    """Threads by default; a Dask cluster (existing, or a LocalCluster of worker processes) on request."""
+    if params.dask_address or params.dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        if params.dask_address:
+            return DaskTaskRunner(address=params.dask_address)
+        # one thread per worker process: stage engines keep per-process model caches
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": params.dask_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=params.workers)
+
+
+@flow(name="synthesize", log_prints=True)
 def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
-    """Make English and translated pages shards for every source; returns counts and paths."""
+    """English sources → pages shards in every language → queries → train shards; returns counts and paths.
+
+    The shard tasks run in a subflow whose task runner follows the parameters (threads or Dask).
+    """
     params = params or SynthesizeParams()
+    return synthesize_shards.with_options(task_runner=task_runner(params))(params)
+
+
+@flow(name="synthesize-shards", log_prints=True)
+def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
+    """The body of `synthesize` (a subflow so the task runner can be chosen per run)."""
     logger = get_run_logger()
     root = Path(params.out).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -25,18 +25,19 @@ def _small_sources(tmp_path: Path, bad: Path) -> Path:
     return src
 
 
-def _run(sources: Path, out: Path, langs: str = "hi,ar,xx", formats: tuple[str, ...] = ("png",)):
+def _run(sources: Path, out: Path, langs: str = "hi,ar,xx", formats: tuple[str, ...] = ("png",), **kw):
     from flows.synthesize import SynthesizeParams, synthesize
 
     return synthesize(
         SynthesizeParams(
-            sources=str(sources), langs=langs, out=str(out), formats=list(formats), pages_per_shard=64
+            sources=str(sources), langs=langs, out=str(out), formats=list(formats), pages_per_shard=64, **kw
         )
     )
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("pages/*/*.parquet"))}
+    files = [*out.glob("pages/*/*.parquet"), *out.glob("queries/*.parquet"), *out.glob("train/*.parquet")]
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(files)}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,10 @@ def flow_runs(tmp_path_factory, tiny_models, prefect_harness):
     second = _run(sources, tmp / "out-a")
     models_loaded_in_second = pages._detector.cache_info().currsize + pages._translator.cache_info().currsize
     third = _run(sources, tmp / "out-b")
+    # the same run on a 2-process Dask LocalCluster (scale-out path)
+    dask = _run(sources, tmp / "out-dask", dask_workers=2)
     return {
+        "dask": dask,
         "tmp": tmp,
         "first": first,
         "second": second,
@@ -247,3 +251,9 @@ def test_no_source_document_is_in_two_splits(flow_runs):
         split_of.setdefault(r["source_id"], set()).add(r["split"])
     assert split_of and all(len(s) == 1 for s in split_of.values())
     assert all(r["split"] in ("train", "dev") for r in _table(out, "train"))
+
+
+def test_dask_local_cluster_gives_byte_identical_shards(flow_runs):
+    dask = flow_runs["dask"]
+    assert dask["shards_worked"] == len(dask["shards"]) > 0
+    assert _shard_bytes(Path(dask["out"])) == flow_runs["bytes_first"]
