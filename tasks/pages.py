@@ -54,6 +54,35 @@ class ShardResult:
         return asdict(self)
 
 
+def completed(
+    manifest: Manifest, name: str, cfg_hash: str, kind: str, lang: str, rel: str
+) -> ShardResult | None:
+    """The skip result when ``name`` is already complete for this config (the resume check of every stage)."""
+    if not manifest.is_complete(name, cfg_hash):
+        return None
+    entry = manifest.get(name)
+    assert entry is not None
+    return ShardResult(name, kind, lang, rel, entry.rows, 0, skipped=True)
+
+
+def commit_stage(
+    root: Path,
+    table: Any,
+    rejects: list[Reject],
+    *,
+    name: str,
+    kind: str,
+    lang: str,
+    rel: str,
+    cfg_hash: str,
+    **entry: Any,
+) -> ShardResult:
+    """Write a stage's rejects shard, then its output shard, whose manifest entry marks the stage done."""
+    commit_rejects(root, rejects, name=f"rejects-{name}", cfg_hash=cfg_hash)
+    commit_shard(root, table, name=name, kind=kind, lang=lang, rel_path=rel, cfg_hash=cfg_hash, **entry)
+    return ShardResult(name, kind, lang, rel, table.num_rows, len(rejects), False, entry.get("extra") or {})
+
+
 # ---------------------------------------------------------------------------- model handles
 def model_fingerprint(stage_cfg: dict[str, Any]) -> str:
     """Fingerprint of the model a stage config points at ('' for engines with bundled weights)."""
@@ -162,10 +191,8 @@ def ingest_shard(
     cfg_hash = config_hash({"base": base, "sources": sorted(s.source_id for s in sources)})
     rel = f"pages/en/{shard_name}.parquet"
     manifest = Manifest(root)
-    if manifest.is_complete(shard_name, cfg_hash):
-        entry = manifest.get(shard_name)
-        assert entry is not None
-        return ShardResult(shard_name, "pages", "en", rel, entry.rows, 0, skipped=True)
+    if done := completed(manifest, shard_name, cfg_hash, "pages", "en", rel):
+        return done
 
     detector = _detector(_key(cfg["layout"]))
     ocr = _ocr(_key(cfg["extract"]))
@@ -211,19 +238,20 @@ def ingest_shard(
                 Reject("ingest", src.uri, RejectReason.UNREADABLE, f"{type(exc).__name__}: {exc}", "en")
             )
     records.sort(key=lambda r: (r.source_id, r.page_index))
-    commit_rejects(root, rejects, name=f"rejects-{shard_name}", cfg_hash=cfg_hash)
-    commit_shard(
+    result = commit_stage(
         root,
         pages_table(records),
+        rejects,
         name=shard_name,
         kind="pages",
         lang="en",
-        rel_path=rel,
+        rel=rel,
         cfg_hash=cfg_hash,
         sources=[s.source_id for s in sources],
         extra={"ingest_base": base, "uris": {s.source_id: s.uri for s in sources}},
     )
-    return ShardResult(shard_name, "pages", "en", rel, len(records), len(rejects), skipped=False)
+    result.stats = {}
+    return result
 
 
 # ---------------------------------------------------------------------------- translate + render
@@ -251,10 +279,8 @@ def translate_shard(
     cfg_hash = config_hash({"cfg": cfg, "models": fps, "input": en_entry.sha256, "lang": lang})
     name = lang_shard_name(en_shard, lang)
     rel = f"pages/{lang}/{name}.parquet"
-    if manifest.is_complete(name, cfg_hash):
-        entry = manifest.get(name)
-        assert entry is not None
-        return ShardResult(name, "pages", lang, rel, entry.rows, 0, skipped=True)
+    if done := completed(manifest, name, cfg_hash, "pages", lang, rel):
+        return done
 
     assert_raqm()
     render_cfg = RenderConfig(**cfg["render"])
@@ -305,20 +331,17 @@ def translate_shard(
                 rejects.append(reject)
             if record is not None:
                 records.append(record)
-    commit_rejects(root, rejects, name=f"rejects-{name}", cfg_hash=cfg_hash)
-    commit_shard(
+    return commit_stage(
         root,
         pages_table(records),
+        rejects,
         name=name,
         kind="pages",
         lang=lang,
-        rel_path=rel,
+        rel=rel,
         cfg_hash=cfg_hash,
         inputs=[en_shard],
         extra={"translation": asdict(stats)},
-    )
-    return ShardResult(
-        name, "pages", lang, rel, len(records), len(rejects), False, {"translation": asdict(stats)}
     )
 
 

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.encoders import PageView
-from tasks.pages import ShardResult, _key, lang_shard_name
+from tasks.pages import ShardResult, _key, commit_stage, completed, lang_shard_name
 from tasks.schema import PAGES_SCHEMA, QUERIES_SCHEMA, TRAIN_SCHEMA, PageRecord
-from tasks.shards import Manifest, commit_rejects, commit_shard, config_hash, read_table
+from tasks.shards import Manifest, config_hash, read_table
 from tasks.splits import assign_split
 
 
@@ -81,10 +81,8 @@ def queries_shard(
     )
     name = queries_shard_name(en_shard)
     rel = f"queries/{name}.parquet"
-    if manifest.is_complete(name, cfg_hash):
-        entry = manifest.get(name)
-        assert entry is not None
-        return ShardResult(name, "queries", "", rel, entry.rows, 0, skipped=True)
+    if done := completed(manifest, name, cfg_hash, "queries", "", rel):
+        return done
 
     gen_cfg = {k: v for k, v in cfg.items() if k not in ("filter", "kinds", "n")}
     generator = _generator(_key(gen_cfg))
@@ -98,18 +96,17 @@ def queries_shard(
         filter_cfg=FilterConfig.from_config(cfg.get("filter")),
     )
     rows.sort(key=lambda r: (r["page_id"], r["query_id"]))
-    commit_rejects(root, rejects, name=f"rejects-{name}", cfg_hash=cfg_hash)
-    commit_shard(
+    return commit_stage(
         root,
         pa.Table.from_pylist(rows, schema=QUERIES_SCHEMA),
+        rejects,
         name=name,
         kind="queries",
         lang="",
-        rel_path=rel,
+        rel=rel,
         cfg_hash=cfg_hash,
         inputs=[en_shard],
     )
-    return ShardResult(name, "queries", "", rel, len(rows), len(rejects), skipped=False)
 
 
 def load_corpus(manifest: Manifest, *, with_images: bool = False) -> tuple[list[PageView], dict[str, str]]:
@@ -149,10 +146,8 @@ def train_shard(
     cfg_hash = config_hash({"cfg": cfg, "queries": q_entry.sha256, "splits": [split_fractions, splits]})
     name = train_shard_name(en_shard)
     rel = f"train/{name}.parquet"
-    if manifest.is_complete(name, cfg_hash):
-        entry = manifest.get(name)
-        assert entry is not None
-        return ShardResult(name, "train", "", rel, entry.rows, 0, skipped=True)
+    if done := completed(manifest, name, cfg_hash, "train", "", rel):
+        return done
 
     miner = build_miner(cfg)
     query_rows = [
@@ -189,19 +184,18 @@ def train_shard(
         "queries": len(rows),
         "miner": rows[0]["miner"] if rows else "",
     }
-    commit_rejects(root, rejects, name=f"rejects-{name}", cfg_hash=cfg_hash)
-    commit_shard(
+    return commit_stage(
         root,
         pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA),
+        rejects,
         name=name,
         kind="train",
         lang="",
-        rel_path=rel,
+        rel=rel,
         cfg_hash=cfg_hash,
         inputs=[q_entry.name],
         extra=stats,
     )
-    return ShardResult(name, "train", "", rel, len(rows), len(rejects), False, stats)
 
 
 def queries_summary(root: Path) -> dict[str, Any]:
