@@ -394,6 +394,37 @@ def _parquet_files(root: Path, cfg: str, split: str) -> tuple[list[Path], Litera
     return None
 
 
+def _from_columns(
+    corpus: Mapping[str, list],
+    cid: str,
+    images: Any,
+    queries: Mapping[str, list],
+    qid: str,
+    qtext: str,
+    qrels: Mapping[str, list],
+    name: str,
+) -> Benchmark:
+    """A Benchmark from column dicts (Parquet and hub readers share this; ids become str, grades int)."""
+    return Benchmark(
+        corpus_ids=[_sid(v) for v in corpus[cid]],
+        images=images,
+        query_ids=[_sid(v) for v in queries[qid]],
+        query_texts=["" if t is None else str(t) for t in queries[qtext]],
+        qrels_rows=[
+            (_sid(q), _sid(c), _score(s))
+            for q, c, s in zip(qrels["query-id"], qrels["corpus-id"], qrels["score"], strict=True)
+        ],
+        query_languages=queries.get("language"),
+        corpus_languages=corpus.get("language"),
+        corpus_doc_ids=None
+        if "doc-id" not in corpus
+        else [None if v is None else str(v) for v in corpus["doc-id"]],
+        corpus_titles=corpus.get("title"),
+        corpus_texts=corpus.get("text"),
+        name=name,
+    )
+
+
 def read_parquet_dir(root: Path | str, *, split: str = "test", name: str | None = None) -> Benchmark:
     """Read the flat (``corpus.parquet``…) or HF (``corpus/test-*.parquet``…) Parquet layout."""
     root = Path(root)
@@ -425,23 +456,15 @@ def read_parquet_dir(root: Path | str, *, split: str = "test", name: str | None 
     for col in ("query-id", "corpus-id", "score"):
         if col not in qrels:
             raise BenchmarkError(f"{root}: config 'qrels' needs a column {col!r} (found {list(qrels)})")
-    return Benchmark(
-        corpus_ids=[_sid(v) for v in corpus[cid]],
-        images=ParquetImages(corpus_files, root),
-        query_ids=[_sid(v) for v in queries[qid]],
-        query_texts=["" if t is None else str(t) for t in queries[qtext]],
-        qrels_rows=[
-            (_sid(q), _sid(c), _score(s))
-            for q, c, s in zip(qrels["query-id"], qrels["corpus-id"], qrels["score"], strict=True)
-        ],
-        query_languages=queries.get("language"),
-        corpus_languages=corpus.get("language"),
-        corpus_doc_ids=None
-        if "doc-id" not in corpus
-        else [None if v is None else str(v) for v in corpus["doc-id"]],
-        corpus_titles=corpus.get("title"),
-        corpus_texts=corpus.get("text"),
-        name=root.name if name is None else name,
+    return _from_columns(
+        corpus,
+        cid,
+        ParquetImages(corpus_files, root),
+        queries,
+        qid,
+        qtext,
+        qrels,
+        root.name if name is None else name,
     )
 
 
@@ -535,21 +558,15 @@ def load_with_datasets(
     q = queries.to_dict()
     r = qrels.select_columns(["query-id", "corpus-id", "score"]).to_dict()
     images = corpus.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    return Benchmark(
-        corpus_ids=[_sid(v) for v in meta[cid]],
-        images=DatasetImages(images),
-        query_ids=[_sid(v) for v in q[qid]],
-        query_texts=["" if t is None else str(t) for t in q[qtext]],
-        qrels_rows=[
-            (_sid(a), _sid(b), _score(s))
-            for a, b, s in zip(r["query-id"], r["corpus-id"], r["score"], strict=True)
-        ],
-        query_languages=q.get("language"),
-        corpus_languages=meta.get("language"),
-        corpus_doc_ids=None
-        if "doc-id" not in meta
-        else [None if v is None else str(v) for v in meta["doc-id"]],
-        name=source.rstrip("/").split("/")[-1] if name is None else name,
+    return _from_columns(
+        meta,
+        cid,
+        DatasetImages(images),
+        q,
+        qid,
+        qtext,
+        r,
+        source.rstrip("/").split("/")[-1] if name is None else name,
     )
 
 

@@ -320,6 +320,22 @@ def split_blocks(text: str) -> tuple[list[str], list[str]]:
     return blocks, seps
 
 
+def _pack(units: Iterable[tuple[str, int]], max_tokens: int) -> list[str]:
+    """Greedily join (text, n_tokens) units with spaces into pieces of at most ``max_tokens`` tokens
+    (a unit that is alone over the budget still forms its own piece)."""
+    out: list[str] = []
+    cur, cur_n = "", 0
+    for text, n in units:
+        if cur and cur_n + n > max_tokens:
+            out.append(cur)
+            cur, cur_n = "", 0
+        cur = f"{cur} {text}" if cur else text
+        cur_n += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 def _split_long(sentence: str, n_tokens, max_tokens: int) -> list[str]:
     """Cut a sentence that exceeds ``max_tokens`` at clause marks, then at word boundaries."""
     for pattern in (r"(?<=[;:])\s+", r"(?<=,)\s+", r"\s+"):
@@ -328,17 +344,7 @@ def _split_long(sentence: str, n_tokens, max_tokens: int) -> list[str]:
             break
     else:
         return [sentence]
-    counts = n_tokens(parts)
-    pieces: list[str] = []
-    cur, cur_n = "", 0
-    for part, n in zip(parts, counts, strict=True):
-        if cur and cur_n + n > max_tokens:
-            pieces.append(cur)
-            cur, cur_n = "", 0
-        cur = f"{cur} {part}" if cur else part
-        cur_n += n
-    if cur:
-        pieces.append(cur)
+    pieces = _pack(zip(parts, n_tokens(parts), strict=True), max_tokens)
     result: list[str] = []
     for piece in pieces:
         if len(pieces) > 1 and n_tokens([piece])[0] > max_tokens:
@@ -364,17 +370,7 @@ def chunk_block(block: str, n_tokens, max_tokens: int = DEFAULT_MAX_CHUNK_TOKENS
             units.extend(zip(pieces, n_tokens(pieces), strict=True))
         else:
             units.append((s, n))
-    chunks: list[str] = []
-    cur, cur_n = "", 0
-    for s, n in units:
-        if cur and cur_n + n > max_tokens:
-            chunks.append(cur)
-            cur, cur_n = "", 0
-        cur = f"{cur} {s}" if cur else s
-        cur_n += n
-    if cur:
-        chunks.append(cur)
-    return chunks
+    return _pack(units, max_tokens)
 
 
 # --------------------------------------------------------------------------------------------------
