@@ -20,6 +20,7 @@ from tasks import languages
 from tasks.models import build_recipe, load_profile
 from tasks.pages import (
     changed_sources,
+    done_en_shards,
     ingest_base_hash,
     ingest_config,
     ingest_shard_task,
@@ -27,13 +28,13 @@ from tasks.pages import (
     model_fingerprint,
     plan_en_shards,
     preload_engines,
+    reject_unknown_langs,
     scan_sources,
     translate_config,
     translate_shard_task,
 )
 from tasks.report import summarize_run, summary_markdown
-from tasks.schema import Reject, RejectReason
-from tasks.shards import Manifest, commit_rejects, config_hash, write_bytes_atomic
+from tasks.shards import Manifest, write_bytes_atomic
 from tasks.splits import DEFAULT_FRACTIONS
 from tasks.trainset import queries_shard_task, queries_summary, train_shard_task
 
@@ -128,21 +129,7 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
     manifest = Manifest(root)
 
     if unknown:
-        commit_rejects(
-            root,
-            [
-                Reject(
-                    "config",
-                    code,
-                    RejectReason.UNKNOWN_LANGUAGE,
-                    f"unknown language code {code!r}; supported: {', '.join(languages.ALL_LANGS)}",
-                    code,
-                )
-                for code in unknown
-            ],
-            name=f"rejects-config-{config_hash(unknown)}",
-            cfg_hash=config_hash(unknown),
-        )
+        reject_unknown_langs(root, unknown)
         logger.warning("skipping unknown language codes: %s", ", ".join(unknown))
 
     refs = scan_sources(params.sources)
@@ -151,17 +138,14 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
         manifest.supersede({sid: f"changed: {uri}" for sid, uri in changed.items()})
         logger.info("%d source files changed since their last ingest; old versions superseded", len(changed))
     ingest_base = ingest_base_hash(profile, fps["layout"])
-    done = {
-        sid
-        for e in manifest.shards("pages", "en")
-        if e.extra.get("ingest_base") == ingest_base
-        for sid in e.sources
-    }
+    source_ids = {r.source_id for r in refs}
+    existing = done_en_shards(manifest, ingest_base, source_ids)
+    done = set().union(*existing.values())
     plan = plan_en_shards(refs, params.pages_per_shard, done)
     logger.info(
         "%d sources, %d already done, %d new English shards, languages: %s",
         len(refs),
-        len(done & {r.source_id for r in refs}),
+        len(done & source_ids),
         len(plan),
         ",".join(langs),
     )
@@ -170,14 +154,7 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
         name: ingest_shard_task.submit(str(root), name, group, profile, {"layout": fps["layout"]})
         for name, group in plan.items()
     }
-    en_shards = sorted(
-        set(ingest_futures)
-        | {
-            e.name
-            for e in manifest.shards("pages", "en")
-            if e.extra.get("ingest_base") == ingest_base and set(e.sources) & {r.source_id for r in refs}
-        }
-    )
+    en_shards = sorted(set(ingest_futures) | set(existing))
     translate_futures = {
         (en, lang): translate_shard_task.submit(
             str(root),

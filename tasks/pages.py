@@ -463,6 +463,35 @@ def changed_sources(refs: list[SourceRef], manifest: Manifest) -> dict[str, str]
     return out
 
 
+def done_en_shards(
+    manifest: Manifest, ingest_base: str, source_ids: set[str] | None = None
+) -> dict[str, set[str]]:
+    """Complete English shards made with this ingest config: ``{shard name: its source ids}``
+    (only shards holding one of ``source_ids`` when given)."""
+    return {
+        e.name: set(e.sources)
+        for e in manifest.shards("pages", "en")
+        if e.extra.get("ingest_base") == ingest_base and (source_ids is None or set(e.sources) & source_ids)
+    }
+
+
+def reject_unknown_langs(root: Path, unknown: list[str]) -> None:
+    """One rejects row per unknown language code of a run (the run goes on with the known ones)."""
+    rejects = [
+        Reject(
+            "config",
+            code,
+            RejectReason.UNKNOWN_LANGUAGE,
+            f"unknown language code {code!r}; supported: {', '.join(languages.ALL_LANGS)}",
+            code,
+        )
+        for code in unknown
+    ]
+    commit_rejects(
+        root, rejects, name=f"rejects-config-{config_hash(unknown)}", cfg_hash=config_hash(unknown)
+    )
+
+
 def plan_en_shards(refs: list[SourceRef], pages_per_shard: int, done: set[str]) -> dict[str, list[SourceRef]]:
     """Pack sources that are not yet covered into shards of at most ``pages_per_shard`` pages.
 
