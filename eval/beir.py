@@ -597,7 +597,7 @@ def load_benchmark(
 
 
 @contextlib.contextmanager
-def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temp directory beside ``out``; on success fsync it and rename it to ``out``."""
     out = Path(out)
     if out.exists() and not overwrite:
@@ -643,9 +643,20 @@ def _file_stem(corpus_id: str) -> str:
     return "h-" + hashlib.sha256(corpus_id.encode()).hexdigest()[:32]
 
 
+def _corpus_extras(b: Benchmark) -> dict[str, list[Any] | None]:
+    """Optional per-page corpus columns written beside id and image (text lets text-aware encoders and
+    rerankers see a page's region text)."""
+    return {
+        "doc-id": b.corpus_doc_ids,
+        "language": b.corpus_languages,
+        "title": b.corpus_titles,
+        "text": b.corpus_texts,
+    }
+
+
 def _corpus_schema(b: Benchmark) -> pa.Schema:
     fields = [pa.field("corpus-id", pa.string()), pa.field("image", IMAGE_TYPE)]
-    for col, vals in (("doc-id", b.corpus_doc_ids), ("language", b.corpus_languages)):
+    for col, vals in _corpus_extras(b).items():
         if vals is not None:
             fields.append(pa.field(col, pa.string()))
     return pa.schema(fields, metadata=_HF_META)
@@ -726,13 +737,12 @@ def write_parquet(
             "corpus-id": ids,
             "image": [{"bytes": b, "path": _file_stem(c) + _ext(b)} for c, b in zip(ids, imgs, strict=True)],
         }
-        if bench.corpus_doc_ids is not None:
-            cols["doc-id"] = bench.corpus_doc_ids[start : start + len(ids)]
-        if bench.corpus_languages is not None:
-            cols["language"] = bench.corpus_languages[start : start + len(ids)]
+        for col, vals in _corpus_extras(bench).items():
+            if vals is not None:
+                cols[col] = vals[start : start + len(ids)]
         return pa.Table.from_pydict(cols, schema=schema)
 
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         writer: pq.ParquetWriter | None = None
         file_i, rows_in_file, row = -1, per_file, 0
         try:
@@ -765,7 +775,7 @@ def write_beir(bench: Benchmark, out: Path | str, *, split: str = "test", overwr
     """Write the BEIR layout (corpus.jsonl + ``image`` paths, images/, queries.jsonl, qrels); returns out."""
     bench.validate()
     out = Path(out)
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "qrels").mkdir()
         with (tmp / "corpus.jsonl").open("w", encoding="utf-8") as fh:

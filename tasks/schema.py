@@ -152,6 +152,7 @@ class RejectReason:
     QUERY_INJECTION = "query_injection"
     QUERY_GENERATION_FAILED = "query_generation_failed"
     POSITIVE_NOT_IN_CORPUS = "positive_not_in_corpus"
+    BENCHMARK_INVALID = "benchmark_invalid"
 
 
 @dataclass

