@@ -14,10 +14,11 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export M3DR_MODELS ?= $(CURDIR)/models
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv vllm models demo test lint format bench serve stop clean
+.PHONY: help venv vllm models demo demo-eval test lint format bench serve stop clean
 
 help:
 	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT)"
+	@echo "make demo-eval - after make demo: train both tiny retrievers on $(OUT), then benchmark-nayana"
 	@echo "make test   - set up, build tiny models, lint and run the test suite"
 	@echo "make models - build the tiny offline models into $(M3DR_MODELS)"
 	@echo "make bench  - performance scripts (ratios measured side by side)"
@@ -48,6 +49,10 @@ models: $(M3DR_MODELS)/.tiny-built
 
 demo: models
 	time $(BIN)/m3dr synthesize --sources assets/samples --langs $(DEMO_LANGS) --profile tiny --out $(OUT)
+
+# the rest of the chain on the demo's output: train-netra (short CPU run) chained with benchmark-nayana
+demo-eval: models
+	time $(BIN)/m3dr train --data $(OUT) --out out/demo-train --retriever both --max-steps 50 --benchmark
 
 lint: venv
 	$(BIN)/ruff check .

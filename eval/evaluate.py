@@ -88,6 +88,7 @@ class RetrieverResult:
     search_ms: float  # search (+ rerank), per query
     bytes_per_doc: dict[str, float]  # {"fp32": …, "fp16": …}
     run_file: str = ""
+    rerank: dict[str, float] = field(default_factory=dict)  # reranker counters (requests, failures, …)
 
 
 @dataclass
@@ -361,6 +362,7 @@ class BenchmarkRunner:
             width = multi[0].shape[1] if multi else 0
             timing[MULTI] = (q_ms, search_ms, {"fp32": 4.0 * tokens * width, "fp16": 2.0 * tokens * width})
 
+        stats: dict[str, float] = {}
         if self.reranker is not None and runs:
             base = max(
                 (r for r in runs if r.startswith("dense@")), key=lambda r: int(r.split("@")[1]), default=MULTI
@@ -369,6 +371,7 @@ class BenchmarkRunner:
             reranked = self.reranker.rerank(bench.queries, runs[base], lambda cid: self._page(bench, cid))
             q_ms, search_ms, storage = timing[base]
             runs[base + RERANK_SUFFIX] = reranked.run
+            stats = {k: v for k, v in asdict(reranked.stats).items() if isinstance(v, int | float)}
             rerank_ms = 1000.0 * (time.perf_counter() - t0) / n
             timing[base + RERANK_SUFFIX] = (q_ms, search_ms + rerank_ms, storage)
 
@@ -387,6 +390,7 @@ class BenchmarkRunner:
                 search_ms=search_ms,
                 bytes_per_doc=storage,
                 run_file=run_file,
+                rerank=stats if name.endswith(RERANK_SUFFIX) else {},
             )
         return result
 

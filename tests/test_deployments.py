@@ -1,6 +1,7 @@
 """The real thing: `make serve`'s script starts a Prefect server + worker, deploys prefect.yaml, and the
-CLI triggers `synthesize/tiny` and `train-netra/tiny`; a cron schedule on `refresh/nightly` creates
-scheduled runs (the check that sqlalchemy 2.1 silently breaks on Prefect 3.8.8). Loopback only."""
+CLI triggers `synthesize/tiny`, `train-netra/tiny` and `benchmark-nayana/tiny`; a cron schedule on
+`refresh/nightly` creates scheduled runs (the check that sqlalchemy 2.1 silently breaks on Prefect
+3.8.8). Loopback only."""
 
 from __future__ import annotations
 
@@ -90,7 +91,11 @@ def test_cli_runs_synthesize_then_train_netra(served, tmp_path: Path):
     import json
 
     out = tmp_path / "data"
-    params = {"params": {"sources": str(SAMPLES / "title_page.pdf"), "langs": "hi", "out": str(out)}}
+    src = tmp_path / "src"  # a training document and a held-out one (splits hash the content)
+    src.mkdir()
+    for name in ("title_page.pdf", "contents_page.pdf"):
+        (src / name).write_bytes((SAMPLES / name).read_bytes())
+    params = {"params": {"sources": str(src), "langs": "hi", "out": str(out)}}
     run = _prefect(
         served,
         "deployment",
@@ -126,12 +131,37 @@ def test_cli_runs_synthesize_then_train_netra(served, tmp_path: Path):
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "train" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
+    params = {
+        "params": {
+            "encoder": {"engine": "vlm-retriever", "path": str(tmp_path / "train" / "final")},
+            "data": str(out),
+            "out": str(tmp_path / "bench"),
+        }
+    }
+    run = _prefect(
+        served,
+        "deployment",
+        "run",
+        "benchmark-nayana/tiny",
+        "--params",
+        json.dumps(params),
+        "--watch",
+        "--watch-timeout",
+        "540",
+    )
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert "dense@64" in results["summary"]["heldout-benchmark"]
+
     keys = {a["key"] for a in _post(served, "/artifacts/filter", {"limit": 200})}
     assert {
         "synthesize-summary",
         "synthesize-progress",
         "train-netra-loss-curve",
         "train-netra-loss-table",
+        "benchmark-nayana-report",
+        "benchmark-nayana-summary",
+        "benchmark-nayana-progress",
     } <= keys
     runs = _post(served, "/flow_runs/filter", {"limit": 50})
     assert {r["state_type"] for r in runs if r["deployment_id"]} == {"COMPLETED"}

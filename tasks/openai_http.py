@@ -1,0 +1,232 @@
+"""Plumbing shared by every client of an OpenAI-compatible server (``vllm serve`` or any other).
+
+One place for what the query engine (``tasks/queries.py``) and the reranker (``eval/rerank.py``) both
+need, so neither carries its own copy:
+
+- ``SecretValue`` / ``secret_from_config``: URLs and API keys from the config, an environment variable
+  or a Prefect Secret block, resolved lazily and never shown in ``repr`` or logs;
+- ``open_client``: an ``httpx.AsyncClient`` with the base URL, the bearer key, timeouts and a
+  connection pool sized to the concurrency limit;
+- ``request_json``: one HTTP call with retries and jittered exponential backoff on transient failures
+  (timeouts, transport errors, ``RETRY_STATUS``), counting calls, retries and errors into a stats object;
+- ``resolve_model``: model ``"auto"`` (or empty) → the first id the server lists under ``GET /models``;
+- ``run_sync``: run a coroutine to completion from sync code, also when called inside a running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import httpx
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Transient HTTP statuses: retried with backoff. Anything else >= 400 fails at once (401, 404, 400 …).
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+# ---------------------------------------------------------------------------- secrets
+class SecretValue:
+    """A secret resolved lazily on first use; ``repr``/``str`` never show it."""
+
+    def __init__(self, loader: Callable[[], str | None], source: str) -> None:
+        self._loader = loader
+        self._value: str | None = None
+        self._loaded = False
+        self.source = source  # where it comes from (env var / block name), safe to show
+
+    def get(self) -> str | None:
+        if not self._loaded:
+            self._value = self._loader()
+            self._loaded = True
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"SecretValue(source={self.source!r}, value='**********')"
+
+    __str__ = __repr__
+
+
+def _prefect_secret(name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    return str(Secret.load(name).get())
+
+
+def secret_from_config(cfg: dict[str, Any], key: str) -> SecretValue | None:
+    """``<key>`` (literal), ``<key>_env`` (env var name) or ``<key>_secret`` (Prefect Secret block)."""
+    if cfg.get(f"{key}_env"):
+        env = cfg[f"{key}_env"]
+        return SecretValue(lambda: os.environ.get(env) or None, f"env:{env}")
+    if cfg.get(f"{key}_secret"):
+        block = cfg[f"{key}_secret"]
+        return SecretValue(lambda: _prefect_secret(block), f"prefect-secret:{block}")
+    if cfg.get(key):
+        value = str(cfg[key])
+        return SecretValue(lambda: value, "config")
+    return None
+
+
+def as_secret(value: str | SecretValue) -> SecretValue:
+    """A literal string wrapped as a ``SecretValue`` (source ``config``); a ``SecretValue`` as is."""
+    return value if isinstance(value, SecretValue) else SecretValue(lambda: value, "config")
+
+
+# ---------------------------------------------------------------------------- retries
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently ``request_json`` retries a transient failure."""
+
+    max_retries: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before retry ``attempt`` (1-based): exponential, capped, jittered to 50–100 %."""
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        return base * (0.5 + rng.random() / 2)
+
+
+class CallStats(Protocol):
+    """The counters ``request_json`` updates (engines keep more fields of their own)."""
+
+    http_calls: int
+    retries: int
+    errors: Counter[str]
+
+
+class RequestFailed(RuntimeError):
+    """A call that failed for good: a non-retryable status, or retries used up. The message never
+    carries the API key (only the status and the start of the server's reply)."""
+
+
+async def request_json(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    *,
+    what: str,
+    policy: RetryPolicy,
+    stats: CallStats,
+) -> dict[str, Any]:
+    """One HTTP call with retries and jittered exponential backoff on transient failures.
+
+    ``what`` names the call in debug logs. Raises ``RequestFailed`` on a non-retryable status (e.g.
+    ``HTTP 401: …``) or when ``policy.max_retries`` retries were not enough.
+    """
+    import httpx
+
+    rng = random.Random()  # jitter only: spreads retries of many requests apart
+    last = ""
+    for attempt in range(policy.max_retries + 1):
+        if attempt:
+            stats.retries += 1
+            await asyncio.sleep(policy.delay(attempt, rng))
+        try:
+            stats.http_calls += 1
+            resp = await client.request(method, path, json=body)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            last = type(exc).__name__
+            stats.errors[last] += 1
+            log.debug("%s: %s (attempt %d)", what, last, attempt + 1)
+            continue
+        if resp.status_code in RETRY_STATUS:
+            last = f"HTTP {resp.status_code}"
+            stats.errors[last] += 1
+            log.debug("%s: %s (attempt %d)", what, last, attempt + 1)
+            continue
+        if resp.status_code >= 400:
+            raise RequestFailed(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        return resp.json()
+    raise RequestFailed(f"gave up after {policy.max_retries + 1} attempts ({last})")
+
+
+# ---------------------------------------------------------------------------- client
+def open_client(
+    base_url: str | SecretValue,
+    api_key: SecretValue | None,
+    *,
+    timeout_s: float,
+    connect_timeout_s: float,
+    concurrency: int,
+) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for the server (use it as ``async with``): JSON headers, the bearer key
+    when there is one, read/connect timeouts, and at most ``concurrency`` connections."""
+    import httpx
+
+    headers = {"Content-Type": "application/json"}
+    key = api_key.get() if api_key else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    base = str(as_secret(base_url).get()).rstrip("/")
+    timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout, limits=limits)
+
+
+async def resolve_model(
+    client: httpx.AsyncClient, model: str, *, policy: RetryPolicy, stats: CallStats
+) -> str:
+    """``model`` itself, or for ``"auto"``/empty the first model id the server lists (``GET /models``)."""
+    if model not in ("", "auto"):
+        return model
+    models = await request_json(client, "GET", "/models", None, what="model list", policy=policy, stats=stats)
+    return str(models["data"][0]["id"])
+
+
+def run_sync(coro_factory: Callable[[], Awaitable[T]]) -> T:
+    """Run the coroutine ``coro_factory()`` to completion and return its result.
+
+    From sync code this is ``asyncio.run``; from inside a running loop (a Prefect task, a notebook) the
+    coroutine runs on a fresh loop in a helper thread, and its exception, if any, is re-raised here.
+    """
+
+    async def main() -> T:
+        return await coro_factory()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(main()))
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+__all__ = [
+    "RETRY_STATUS",
+    "CallStats",
+    "RequestFailed",
+    "RetryPolicy",
+    "SecretValue",
+    "as_secret",
+    "open_client",
+    "request_json",
+    "resolve_model",
+    "run_sync",
+    "secret_from_config",
+]
