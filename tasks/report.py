@@ -47,8 +47,14 @@ def summarize_run(
     pages = manifest.shards("pages")
     summary.shards = len(pages)
     per_lang: Counter[str] = Counter()
+    gone = set(manifest.superseded())
     for e in pages:
-        per_lang[e.lang] += e.rows
+        if not gone:
+            per_lang[e.lang] += e.rows
+            continue
+        # pages of superseded sources (their file changed; a newer version was ingested) no longer count
+        sources = pq.read_table(root / e.path, columns=["source_id"]).column("source_id").to_pylist()
+        per_lang[e.lang] += sum(sid not in gone for sid in sources)
     summary.pages_per_lang = dict(sorted(per_lang.items()))
     rejects = read_rejects(root)
     summary.rejects_by_reason = dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))

@@ -198,6 +198,8 @@ def test_rerun_with_one_new_document_processes_only_its_shards(tmp_path, tiny_mo
     third = _run(src, tmp_path / "out", langs="hi")
     assert len([s for s in third["shards"] if not s["skipped"]]) == 4
     assert Manifest(tmp_path / "out").superseded() == {old_id: "changed: title_page.pdf"}
+    # the summary counts live pages: the old version's page left, the new one came in
+    assert third["pages_per_lang"]["en"] == second["pages_per_lang"]["en"]
 
 
 def _table(out: Path, kind: str) -> list[dict]:
