@@ -19,8 +19,12 @@ each drop is a ``Reject`` row. ``cross_lingual_pairs`` pairs a query in language
 page in language B for every ordered pair of requested languages; ``query_rows`` turns pairs into rows
 with exactly ``QUERIES_SCHEMA``'s columns.
 
-Limits: the language check is a script check (the share of letters in the language's script), so it
-cannot tell Spanish from French or Hindi from Marathi; the instruction patterns are English (the source
+Language check: the share of letters in the language's script, then (``language_id = "langid"``, the
+default) for Latin-script languages langid.py's naive-Bayes classifier restricted to en/es/fr/de/it,
+which catches e.g. an English query asked for in Spanish; a query is dropped only when another
+language wins with high confidence, and keyword queries under 4 words are judged by script only
+(ambiguous). Hindi, Marathi and Sanskrit stay script-checked: langid confuses hi/mr and lacks sa.
+The instruction patterns are English (the source
 language of every page), so an injection written in a translated language is only caught by the
 payload/echo checks when it is quoted.
 """
@@ -40,9 +44,11 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import regex
 
 from tasks import languages
@@ -303,12 +309,23 @@ class FilterConfig:
     max_copy_share: float = 0.8  # … or this share of a query of >= 4 units
     copy_exempt_kinds: tuple[str, ...] = ("keyword", "phrase")  # extractive by definition
     dedup: bool = True  # one query text per language across the batch (same text, two pages: ambiguous)
+    language_id: str = "langid"  # "script": the script check only; "langid": also langid.py (same-script)
+    langid_min_confidence: float = 0.95  # drop when another same-script language has this probability
+    langid_min_units: float = 4.0  # shorter queries (keywords: ambiguous) are judged by script only
+    # scripts whose languages langid tells apart reliably: Latin (en es fr de it). Not Devanagari: it
+    # scored a plain Hindi sentence as Marathi at 0.99, and it has no Sanskrit.
+    langid_scripts: tuple[str, ...] = ("Latn",)
+
+    def __post_init__(self) -> None:
+        if self.language_id not in ("script", "langid"):
+            raise ValueError(f"language_id must be 'script' or 'langid', got {self.language_id!r}")
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> FilterConfig:
         cfg = dict(cfg or {})
-        if "copy_exempt_kinds" in cfg:
-            cfg["copy_exempt_kinds"] = tuple(cfg["copy_exempt_kinds"])
+        for key in ("copy_exempt_kinds", "langid_scripts"):
+            if key in cfg:
+                cfg[key] = tuple(cfg[key])
         return cls(**cfg)
 
 
@@ -343,6 +360,31 @@ def _page_facts(text: str, lang: str) -> _PageFacts:
     return _PageFacts(tokens(text, lang), instruction_phrases(text), injected_payloads(text))
 
 
+@lru_cache(maxsize=1)
+def _langid() -> Any:
+    """langid.py's bundled model (97 languages, ~1 s to load once); used read-only, so thread-safe."""
+    from langid.langid import LanguageIdentifier, model
+
+    return LanguageIdentifier.from_modelstring(model, norm_probs=False)
+
+
+def same_script_language(text: str, iso: str) -> tuple[str, float]:
+    """The most likely language of ``text`` among the registry languages written in ``iso``'s script
+    that langid knows, with its probability normalised over them; ``(iso, 1.0)`` when there is no
+    other candidate to confuse it with (a script of its own, or a language langid lacks)."""
+    ident = _langid()
+    script = languages.get(iso).script
+    cands = [x.iso for x in languages.LANGUAGES.values() if x.script == script and x.iso in ident.nb_classes]
+    if iso not in cands or len(cands) < 2:
+        return iso, 1.0
+    logp = ident.nb_classprobs(ident.instance2fv(text))
+    sub = np.array([logp[ident.nb_classes.index(c)] for c in cands], dtype=np.float64)
+    probs = np.exp(sub - sub.max())
+    probs /= probs.sum()
+    i = int(probs.argmax())
+    return cands[i], float(probs[i])
+
+
 def check_query(
     q: GeneratedQuery, page_text: str, cfg: FilterConfig, facts: _PageFacts | None = None
 ) -> tuple[str, str] | None:
@@ -366,6 +408,11 @@ def check_query(
     share = script_share(text, lang.script)
     if share < cfg.min_script_share:
         return RejectReason.QUERY_WRONG_LANGUAGE, f"{share:.2f} of letters in {lang.script}"
+    # 3b. language among those sharing the script (es/fr/de/it/en, hi/mr …)
+    if cfg.language_id == "langid" and lang.script in cfg.langid_scripts and units >= cfg.langid_min_units:
+        best, p = same_script_language(text, lang.iso)
+        if best != lang.iso and p >= cfg.langid_min_confidence:
+            return RejectReason.QUERY_WRONG_LANGUAGE, f"langid: {best} ({p:.2f}) rather than {lang.iso}"
     # 4. verbatim copy (generative kinds only)
     if q.kind not in cfg.copy_exempt_kinds:
         q_toks = tokens(text, lang.iso)

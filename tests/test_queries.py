@@ -156,13 +156,47 @@ def test_filters_reject_each_reason_and_keep_good_queries():
         assert r.stage == "queries" and r.input_ref in page and r.lang and r.message
 
 
-def test_script_check_cannot_tell_languages_of_one_script_apart():
-    """Documented limit: a Spanish query for a French page passes (both Latin script)."""
+def test_script_check_alone_cannot_tell_languages_of_one_script_apart():
+    """With language_id = "script" a Spanish query for a French page passes (both Latin script)."""
     kept, rejects = Q.filter_queries(
-        [_q("¿Cuántos pasajeros transportó la compañía?", lang="fr")], {"p1": ""}
+        [_q("¿Cuántos pasajeros transportó la compañía?", lang="fr")],
+        {"p1": ""},
+        Q.FilterConfig(language_id="script"),
     )
     assert len(kept) == 1 and not rejects
     assert Q.script_share("hello мир", "Cyrl") == pytest.approx(3 / 8)
+
+
+def test_langid_rejects_a_query_in_another_language_of_the_same_script():
+    cases = {
+        ("¿Cuántos pasajeros transportó la compañía en 2023?", "fr"): "es",
+        ("How many passengers did the company carry in 2023?", "es"): "en",
+        ("Wie viele Fahrgäste beförderte das Unternehmen 2023?", "it"): "de",
+    }
+    kept, rejects = Q.filter_queries([_q(t, lang=lang) for t, lang in cases], {"p1": ""})
+    assert not kept and len(rejects) == 3
+    for r, want in zip(rejects, cases.values(), strict=True):
+        assert r.reason == RejectReason.QUERY_WRONG_LANGUAGE and f"langid: {want} (" in r.message
+
+
+def test_langid_keeps_right_language_short_keywords_and_ambiguous_devanagari():
+    good = [
+        _q("¿Cuántos pasajeros transportó la compañía?", lang="es"),
+        _q("Combien de passagers la compagnie a-t-elle transportés ?", lang="fr"),
+        _q("Quanti passeggeri ha trasportato la compagnia nel 2023?", lang="it"),
+        _q("railway freight", lang="es", kind="keyword"),  # < 4 words: judged by script only
+        _q("माल ढुलाई राजस्व में बारह प्रतिशत की वृद्धि", lang="hi"),  # Devanagari: script only
+        _q("उत्तरी रेलवे कंपनी ने कितने यात्रियों को ढोया", lang="mr"),
+        _q("北方铁路公司运送了多少名乘客", lang="zh"),  # a script of its own: nothing to confuse
+    ]
+    kept, rejects = Q.filter_queries(good, {"p1": ""})
+    assert len(kept) == len(good)
+    assert not rejects, [r.message for r in rejects]
+    assert Q.same_script_language("北方铁路公司运送了多少名乘客", "zh") == ("zh", 1.0)
+    # why Devanagari is not langid-checked by default: plain Hindi scored as Marathi
+    assert Q.same_script_language("माल ढुलाई राजस्व में बारह प्रतिशत की वृद्धि", "hi")[0] == "mr"
+    with pytest.raises(ValueError, match="language_id"):
+        Q.FilterConfig(language_id="fasttext")
 
 
 # ---------------------------------------------------------------------------- pairing and rows
