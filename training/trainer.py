@@ -101,17 +101,46 @@ def _barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient for this rank's rows.
+
+    Not ``torch.distributed.nn.functional.all_gather``: on gloo its backward (an all-to-all) silently
+    scrambles non-contiguous gradients, which MaxSim's einsum produces. Measured here: 2 ranks'
+    multi-vector parameter gradients were uncorrelated with the single-process ones (pytorch#192920
+    reports the same gloo flaw for scatter/broadcast/reduce). Gradients are made contiguous and
+    reduced with reduce_scatter on NCCL, all_reduce + slice elsewhere.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        world = dist.get_world_size()
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad)
+            return mine
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_rows(x: torch.Tensor, width: int, info: DistInfo) -> torch.Tensor:
     """Pad ``x`` ``[n, ...]`` to ``[width, ...]`` and all-gather along dim 0 → ``[world × width, ...]``
-    (differentiable: gradients flow back to the rank that produced each row)."""
+    (differentiable: each rank's rows get the sum of every rank's gradient for them)."""
     if x.shape[0] < width:
         pad = x.new_zeros((width - x.shape[0], *x.shape[1:]))
         x = torch.cat([x, pad], dim=0)
     if not info.distributed:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(list(all_gather(x)), dim=0)
+    return _GatherRows.apply(x)
 
 
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
