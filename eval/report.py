@@ -11,6 +11,7 @@ and in a PR.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,38 @@ def markdown(
 def write_report(path: Path, text: str) -> Path:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return Path(path)
+
+
+def compare_rows(
+    runs: Sequence[tuple[str, Mapping[str, Any]]], metric: str = MAIN_METRIC
+) -> list[dict[str, Any]]:
+    """Rows comparing several ``results.json`` payloads (label, payload): per suite and retriever the
+    cross-lingual and mono-mean ``metric``, and the change against the first run's same retriever (or
+    its widest dense retriever when the first run has no such name, e.g. a text baseline)."""
+    if not runs:
+        return []
+    base_label, base = runs[0]
+    rows = []
+    for label, payload in runs:
+        for suite, summary in payload["summary"].items():
+            ref_summary = base["summary"].get(suite, {})
+            for name, e in summary.items():
+                ref = ref_summary.get(name) or ref_summary.get(next(iter(headline(ref_summary)), ""), {})
+                row: dict[str, Any] = {"run": label, "suite": suite, "retriever": name}
+                for key, col in (("cross", "cross"), ("mono_mean", "mono mean")):
+                    v = (e.get(key) or {}).get(metric)
+                    r = (ref.get(key) or {}).get(metric) if ref else None
+                    row[f"{col} {metric}"] = v
+                    delta = None if v is None or r is None or label == base_label else v - r
+                    row[f"Δ {col} vs {base_label}"] = None if delta is None else f"{delta:+.4f}"
+                rows.append(row)
+    return rows
+
+
+def compare_markdown(runs: Sequence[tuple[str, Mapping[str, Any]]], metric: str = MAIN_METRIC) -> str:
+    """A markdown page comparing benchmark runs (e.g. the untrained backbone vs the trained retriever)."""
+    lines = [f"# benchmark-nayana comparison ({metric.upper()})", ""]
+    for label, payload in runs:
+        lines.append(f"- **{label}**: `{json.dumps(payload.get('encoder', {}), sort_keys=True)}`")
+    lines += ["", *_table(compare_rows(runs, metric)), ""]
+    return "\n".join(lines)

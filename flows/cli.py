@@ -164,6 +164,36 @@ def benchmark_cmd(
     typer.echo(f"results            : {result['results']}")
 
 
+@app.command("benchmark-compare")
+def benchmark_compare(
+    results: Annotated[
+        list[Path], typer.Argument(help="results.json of benchmark runs; the first is the baseline.")
+    ],
+    label: Annotated[
+        list[str] | None, typer.Option(help="A name per results file (default: its directory).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the markdown here.")] = None,
+) -> None:
+    """Compare benchmark runs (e.g. untrained backbone vs trained retriever): NDCG@5 and deltas."""
+    from eval.report import compare_markdown, write_report
+
+    labels = label or [p.parent.name for p in results]
+    if len(labels) != len(results):
+        raise typer.BadParameter(
+            f"{len(labels)} labels for {len(results)} results files", param_hint="--label"
+        )
+    runs = []
+    for name, path in zip(labels, results, strict=True):
+        try:
+            runs.append((name, json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"{path}: not a readable results.json ({exc})") from exc
+    text = compare_markdown(runs)
+    if out is not None:
+        write_report(out, text)
+    typer.echo(text)
+
+
 @app.command("benchmark-build")
 def benchmark_build(
     data: Annotated[str, typer.Option(help="Synthesize output root.")] = "out/demo",

