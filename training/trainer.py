@@ -101,6 +101,10 @@ def _barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+# torch 2.14 renamed all_gather_into_tensor (deprecated alias kept) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every rank's gradient for this rank's rows.
 
@@ -117,7 +121,7 @@ class _GatherRows(torch.autograd.Function):
         world = dist.get_world_size()
         ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x)
+        _all_gather_single(out, x)
         return out
 
     @staticmethod
