@@ -46,14 +46,16 @@ from typing import Any, Protocol, runtime_checkable
 from eval.metrics import rank_docs
 from tasks.encoders import PageView
 from tasks.openai_http import (
+    ENDPOINT_KEYS,
     RetryPolicy,
     SecretValue,
     as_secret,
+    endpoint_from_config,
+    endpoint_repr,
     open_client,
     request_json,
     resolve_model,
     run_sync,
-    secret_from_config,
 )
 from tasks.queries import Prompt, load_prompt
 
@@ -320,13 +322,9 @@ class VlmReranker:
         self.stats = RerankStats()
 
     OPTIONS: tuple[str, ...] = (
-        "top_k", "modality", "concurrency", "timeout_s", "connect_timeout_s", "max_retries", "backoff_s",
-        "max_backoff_s", "max_page_chars", "top_logprobs", "missing_label_p", "constrain",
+        "top_k", "modality", "max_page_chars", "top_logprobs", "missing_label_p", "constrain",
     )  # fmt: skip
-    CONFIG_KEYS: frozenset[str] = frozenset(
-        {"engine", "enabled", "model", "prompt", *OPTIONS}
-        | {f"{k}{s}" for k in ("base_url", "api_key") for s in ("", "_env", "_secret")}
-    )
+    CONFIG_KEYS: frozenset[str] = frozenset({"engine", "enabled", "prompt", *OPTIONS}) | ENDPOINT_KEYS
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> VlmReranker:
@@ -334,13 +332,8 @@ class VlmReranker:
         unknown = set(cfg) - cls.CONFIG_KEYS
         if unknown:
             raise ValueError(f"unknown [rerank] keys {sorted(unknown)}; known: {sorted(cls.CONFIG_KEYS)}")
-        base_url = secret_from_config(dict(cfg), "base_url")
-        if base_url is None:
-            raise ValueError("[rerank] engine 'vllm' needs base_url, base_url_env or base_url_secret")
         return cls(
-            base_url=base_url,
-            model=cfg.get("model", "auto"),
-            api_key=secret_from_config(dict(cfg), "api_key"),
+            **endpoint_from_config(cfg, "rerank"),
             prompt=load_prompt(cfg.get("prompt", "rerank_v1")),
             **{k: cfg[k] for k in cls.OPTIONS if k in cfg},
         )
@@ -350,11 +343,10 @@ class VlmReranker:
         return f"{self.name}:{self.model_id}"
 
     def __repr__(self) -> str:  # never the key, never a URL that could carry credentials
-        key = self._api_key.source if self._api_key else None
         return (
-            f"VlmReranker(model={self.model_id!r}, url_from={self._base_url.source!r}, "
-            f"api_key_from={key!r}, prompt={self.prompt_version!r}, top_k={self.top_k}, "
-            f"modality={self.modality!r}, constrain={self.constrain!r})"
+            f"VlmReranker(model={self.model_id!r}, {endpoint_repr(self._base_url, self._api_key)}, "
+            f"prompt={self.prompt_version!r}, top_k={self.top_k}, modality={self.modality!r}, "
+            f"constrain={self.constrain!r})"
         )
 
     # -- request building (pure) --------------------------------------------------------------------
@@ -418,13 +410,7 @@ class VlmReranker:
                 stats.missing_label += verdict.missing
 
         if pairs:
-            async with open_client(
-                self._base_url,
-                self._api_key,
-                timeout_s=self.timeout[0],
-                connect_timeout_s=self.timeout[1],
-                concurrency=self.concurrency,
-            ) as client:
+            async with open_client(self._base_url, self._api_key, self.timeout, self.concurrency) as client:
                 try:
                     self.model_id = await resolve_model(
                         client, self.model_id, policy=self.retry_policy, stats=stats

@@ -21,7 +21,7 @@ import os
 import random
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -81,6 +81,37 @@ def secret_from_config(cfg: dict[str, Any], key: str) -> SecretValue | None:
 def as_secret(value: str | SecretValue) -> SecretValue:
     """A literal string wrapped as a ``SecretValue`` (source ``config``); a ``SecretValue`` as is."""
     return value if isinstance(value, SecretValue) else SecretValue(lambda: value, "config")
+
+
+# ---------------------------------------------------------------------------- engine config
+# Connection options every server engine takes from its profile table (besides model and secrets).
+ENDPOINT_OPTIONS: tuple[str, ...] = (
+    "concurrency", "timeout_s", "connect_timeout_s", "max_retries", "backoff_s", "max_backoff_s",
+)  # fmt: skip
+ENDPOINT_KEYS: frozenset[str] = frozenset(
+    {"model", *ENDPOINT_OPTIONS}
+    | {f"{k}{s}" for k in ("base_url", "api_key") for s in ("", "_env", "_secret")}
+)
+
+
+def endpoint_from_config(cfg: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Constructor keywords of a server engine from its ``[section]`` table: ``base_url`` and ``api_key``
+    as :class:`SecretValue` (literal, ``*_env`` or ``*_secret``), ``model`` (default ``auto``) and the
+    :data:`ENDPOINT_OPTIONS` present."""
+    base_url = secret_from_config(dict(cfg), "base_url")
+    if base_url is None:
+        raise ValueError(f"[{section}] engine 'vllm' needs base_url, base_url_env or base_url_secret")
+    return {
+        "base_url": base_url,
+        "api_key": secret_from_config(dict(cfg), "api_key"),
+        "model": cfg.get("model", "auto"),
+        **{k: cfg[k] for k in ENDPOINT_OPTIONS if k in cfg},
+    }
+
+
+def endpoint_repr(base_url: SecretValue, api_key: SecretValue | None) -> str:
+    """Where URL and key come from, never their values (a URL may carry credentials)."""
+    return f"url_from={base_url.source!r}, api_key_from={api_key.source if api_key else None!r}"
 
 
 # ---------------------------------------------------------------------------- retries
@@ -157,13 +188,11 @@ async def request_json(
 def open_client(
     base_url: str | SecretValue,
     api_key: SecretValue | None,
-    *,
-    timeout_s: float,
-    connect_timeout_s: float,
+    timeout: tuple[float, float],
     concurrency: int,
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for the server (use it as ``async with``): JSON headers, the bearer key
-    when there is one, read/connect timeouts, and at most ``concurrency`` connections."""
+    when there is one, ``timeout`` = (read, connect) seconds, at most ``concurrency`` connections."""
     import httpx
 
     headers = {"Content-Type": "application/json"}
@@ -171,9 +200,10 @@ def open_client(
     if key:
         headers["Authorization"] = f"Bearer {key}"
     base = str(as_secret(base_url).get()).rstrip("/")
-    timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    return httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout, limits=limits)
+    return httpx.AsyncClient(
+        base_url=base, headers=headers, timeout=httpx.Timeout(timeout[0], connect=timeout[1]), limits=limits
+    )
 
 
 async def resolve_model(

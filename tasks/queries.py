@@ -57,6 +57,8 @@ from tasks.openai_http import (
     RetryPolicy,
     SecretValue,
     as_secret,
+    endpoint_from_config,
+    endpoint_repr,
     open_client,
     request_json,
     resolve_model,
@@ -731,21 +733,14 @@ class VllmQueryGenerator:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> VllmQueryGenerator:
-        base_url = secret_from_config(cfg, "base_url")
-        if base_url is None:
-            raise ValueError("[queries] engine 'vllm' needs base_url, base_url_env or base_url_secret")
         names = [
-            "concurrency", "timeout_s", "connect_timeout_s", "max_retries", "backoff_s", "max_backoff_s",
             "temperature", "top_p", "max_tokens", "max_query_chars", "max_page_chars", "vision",
             "strip_page_instructions", "bad_reply_retries", "seed",
         ]  # fmt: skip
-        kw = {k: cfg[k] for k in names if k in cfg}
         return cls(
-            base_url=base_url,
-            model=cfg.get("model", "auto"),
-            api_key=secret_from_config(cfg, "api_key"),
+            **endpoint_from_config(cfg, "queries"),
             prompt=load_prompt(cfg.get("prompt", "queries_v1")),
-            **kw,
+            **{k: cfg[k] for k in names if k in cfg},
         )
 
     @property
@@ -753,10 +748,9 @@ class VllmQueryGenerator:
         return f"{self.name}:{self.model_id}"
 
     def __repr__(self) -> str:  # never the key, never a URL that could carry credentials
-        key = self._api_key.source if self._api_key else None
         return (
-            f"VllmQueryGenerator(model={self.model_id!r}, url_from={self._base_url.source!r}, "
-            f"api_key_from={key!r}, prompt={self.prompt_version!r}, concurrency={self.concurrency})"
+            f"VllmQueryGenerator(model={self.model_id!r}, {endpoint_repr(self._base_url, self._api_key)}, "
+            f"prompt={self.prompt_version!r}, concurrency={self.concurrency})"
         )
 
     # -- request building (pure) --------------------------------------------------------------------
@@ -811,13 +805,7 @@ class VllmQueryGenerator:
         self.stats = EngineStats(requests=len(requests))
         t0 = time.perf_counter()
         sem = asyncio.Semaphore(self.concurrency)
-        async with open_client(
-            self._base_url,
-            self._api_key,
-            timeout_s=self.timeout[0],
-            connect_timeout_s=self.timeout[1],
-            concurrency=self.concurrency,
-        ) as client:
+        async with open_client(self._base_url, self._api_key, self.timeout, self.concurrency) as client:
             self.model_id = await resolve_model(
                 client, self.model_id, policy=self.retry_policy, stats=self.stats
             )
