@@ -46,6 +46,7 @@ EXACT, PARALLEL = 2, 1
 HUB_CROSS = "Cognitive-Lab/NayanaIR-CrossBench"
 HUB_MONO = "Cognitive-Lab/NayanaIR-MonoBench-{lang}"
 HUB_SUITE = "nayana-ir"
+HUB_ALIAS = "nayana-ir"  # what users write in a benchmark list for the published suite
 
 _PAGE_COLS = ["page_id", "source_page_id", "source_id", "lang", "image", "text"]
 _QUERY_COLS = ["query_id", "query", "query_lang", "page_id", "cross_lingual", "source_id", "split"]
@@ -251,21 +252,23 @@ def build_suite(
     """
     root, out = Path(root), Path(out)
     name = name or f"heldout-{split}"
+    manifest = Manifest(root)
+    fractions = dict(split_fractions or recorded_fractions(manifest))  # read once, used for every step
     options = {
         "name": name,
         "split": split,
-        "fractions": dict(split_fractions or recorded_fractions(Manifest(root))),
+        "fractions": fractions,
         "langs": sorted(langs) if langs else None,
         "max_queries_per_lang": max_queries_per_lang,
     }
-    fp = config_hash({"inputs": inputs_fingerprint(Manifest(root)), "options": options})
+    fp = config_hash({"inputs": inputs_fingerprint(manifest), "options": options})
     if (out / SUITE_FILE).is_file():
         existing = read_suite(out)
         if existing.fingerprint == fp:
             return existing
         if not overwrite:
             raise FileExistsError(f"{out} holds a suite built from other inputs (pass overwrite=True)")
-    pages, queries = heldout(root, split=split, split_fractions=split_fractions, langs=langs)
+    pages, queries = heldout(root, split=split, split_fractions=fractions, langs=langs)
     if not pages:
         raise BenchmarkError(
             f"no page of {root} is in split {split!r} (fractions {options['fractions']}): "
@@ -323,11 +326,16 @@ def hub_suite(langs: Iterable[str]) -> Suite:
     return Suite(None, tuple(sets), name=HUB_SUITE)
 
 
-def resolve_sets(sources: Sequence[str]) -> list[tuple[SetInfo, str]]:
-    """Benchmark sources → ``(info, location)``: a suite dir expands to its sets; a benchmark dir or hub
-    id is one set (``mono`` with its language when all its queries share one, else ``cross``)."""
+def resolve_sets(sources: Sequence[str], langs: Sequence[str] | None = None) -> list[tuple[SetInfo, str]]:
+    """Benchmark sources → ``(info, location)``: a suite dir expands to its sets, ``nayana-ir`` to the
+    published sets (``langs``' mono sets, default all 22); a benchmark dir or hub id is one set (``mono``
+    with its language when all its queries share one, else ``cross``). A set named twice counts once."""
     out: list[tuple[SetInfo, str]] = []
     for src in sources:
+        if src == HUB_ALIAS:
+            hub = hub_suite(langs or ALL_LANGS)
+            out.extend((i, hub.location(i)) for i in hub.sets)
+            continue
         p = Path(src)
         if (p / SUITE_FILE).is_file():
             suite = read_suite(p)

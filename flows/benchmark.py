@@ -24,15 +24,12 @@ from prefect.artifacts import (
 from pydantic import BaseModel, Field
 
 from eval.beir import BenchmarkError
-from eval.build import SetInfo, build_suite, hub_suite, resolve_sets
+from eval.build import HUB_ALIAS, SetInfo, build_suite, resolve_sets
 from eval.evaluate import BenchmarkRunner, EvalSettings, SetResult, result_rows, save_results, summarise
 from eval.report import markdown, plot_png, write_report
 from eval.retrieval import EmbeddingCache
-from tasks.languages import ALL_LANGS
 from tasks.schema import Reject, RejectReason, rejects_table
 from tasks.shards import write_table_atomic
-
-HUB_ALIAS = "nayana-ir"
 
 
 class BenchmarkParams(BaseModel):
@@ -94,38 +91,32 @@ class BenchmarkParams(BaseModel):
         )
 
 
+# what a runner depends on: the encoder, how it scores, the reranker and where vectors are cached
+_RUNNER_FIELDS = {"encoder", "dims", "multivector", "dtype", "search", "depth", "batch_size", "rerank", "out"}
+
+
 @lru_cache(maxsize=2)
-def _runner(encoder_json: str, settings_json: str, rerank_json: str, cache_dir: str) -> BenchmarkRunner:
+def _runner(params_json: str) -> BenchmarkRunner:
     """One loaded encoder (+ reranker) per process, shared by the set tasks of a run."""
     import training.encoders  # noqa: F401  (registers vlm-retriever / vlm-base)
     from tasks.encoders import build_encoder
 
+    params = BenchmarkParams.model_validate_json(params_json)
     reranker = None
-    if rerank_json != "null":
+    if params.rerank is not None:
         from eval.rerank import build_reranker
 
-        reranker = build_reranker(json.loads(rerank_json))
-    s = json.loads(settings_json)
-    s["ks"] = tuple(s["ks"])
-    s["dims"] = tuple(s["dims"]) if s["dims"] else None
+        reranker = build_reranker(params.rerank)
     return BenchmarkRunner(
-        build_encoder(json.loads(encoder_json)),
-        EvalSettings(**s),
-        cache=EmbeddingCache(cache_dir),
+        build_encoder(params.encoder),
+        params.settings(),
+        cache=EmbeddingCache(Path(params.out).resolve() / "cache"),
         reranker=reranker,
     )
 
 
 def _runner_for(params: BenchmarkParams) -> BenchmarkRunner:
-    from dataclasses import asdict
-
-    out = Path(params.out).resolve()
-    return _runner(
-        json.dumps(params.encoder, sort_keys=True),
-        json.dumps(asdict(params.settings()), sort_keys=True),
-        json.dumps(params.rerank, sort_keys=True),
-        str(out / "cache"),
-    )
+    return _runner(params.model_dump_json(include=_RUNNER_FIELDS))
 
 
 @task(name="build-benchmark-suite", task_run_name="build suite from {params.data} ({params.split})")
@@ -199,16 +190,9 @@ def report_task(params: BenchmarkParams, results: list[dict[str, Any]]) -> dict[
 
 
 def benchmark_sets(params: BenchmarkParams) -> list[tuple[SetInfo, str]]:
-    """Every set of the run, the held-out suite first."""
-    sets: list[tuple[SetInfo, str]] = []
-    if params.data:
-        sets += resolve_sets([build_suite_task(params)])
-    for src in params.benchmarks:
-        if src == HUB_ALIAS:
-            suite = hub_suite(params.lang_list() or ALL_LANGS)
-            sets += [(i, suite.location(i)) for i in suite.sets]
-        else:
-            sets += resolve_sets([src])
+    """Every set of the run, the held-out suite (built by a task) first."""
+    sources = ([build_suite_task(params)] if params.data else []) + list(params.benchmarks)
+    sets = resolve_sets(sources, params.lang_list())
     if not sets:
         raise ValueError("nothing to benchmark: set `data` (a synthesize output) and/or `benchmarks`")
     return sets

@@ -75,6 +75,15 @@ def _prefect(served, *args: str, timeout: int = 600) -> subprocess.CompletedProc
     )
 
 
+def _run_deployment(served, name: str, params: dict) -> subprocess.CompletedProcess:
+    """`prefect deployment run <name> --params … --watch`: returns when the flow run has finished."""
+    import json
+
+    return _prefect(
+        served, "deployment", "run", name, "--params", json.dumps(params), "--watch", "--watch-timeout", "540"
+    )
+
+
 def _post(served, path: str, body: dict) -> list[dict]:
     r = httpx.post(served["api"] + path, json=body, timeout=30)
     r.raise_for_status()
@@ -96,17 +105,7 @@ def test_cli_runs_synthesize_then_train_netra(served, tmp_path: Path):
     for name in ("title_page.pdf", "contents_page.pdf"):
         (src / name).write_bytes((SAMPLES / name).read_bytes())
     params = {"params": {"sources": str(src), "langs": "hi", "out": str(out)}}
-    run = _prefect(
-        served,
-        "deployment",
-        "run",
-        "synthesize/tiny",
-        "--params",
-        json.dumps(params),
-        "--watch",
-        "--watch-timeout",
-        "540",
-    )
+    run = _run_deployment(served, "synthesize/tiny", params)
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     assert list(out.glob("pages/hi/*.parquet")) and list(out.glob("train/*.parquet"))
 
@@ -117,17 +116,7 @@ def test_cli_runs_synthesize_then_train_netra(served, tmp_path: Path):
             "config": {"retriever": "dense", "max_steps": 3, "batch_size": 4, "warmup_steps": 1},
         }
     }
-    run = _prefect(
-        served,
-        "deployment",
-        "run",
-        "train-netra/tiny",
-        "--params",
-        json.dumps(params),
-        "--watch",
-        "--watch-timeout",
-        "540",
-    )
+    run = _run_deployment(served, "train-netra/tiny", params)
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "train" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -138,17 +127,7 @@ def test_cli_runs_synthesize_then_train_netra(served, tmp_path: Path):
             "out": str(tmp_path / "bench"),
         }
     }
-    run = _prefect(
-        served,
-        "deployment",
-        "run",
-        "benchmark-nayana/tiny",
-        "--params",
-        json.dumps(params),
-        "--watch",
-        "--watch-timeout",
-        "540",
-    )
+    run = _run_deployment(served, "benchmark-nayana/tiny", params)
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert "dense@64" in results["summary"]["heldout-benchmark"]
