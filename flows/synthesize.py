@@ -1,12 +1,13 @@
-"""`synthesize` flow (pages half): English sources → English pages shards → translated pages shards.
+"""`synthesize` flow: English sources → pages shards in every language → queries → train shards.
 
-Orchestration only: what runs after what, one Prefect task per shard, artifacts. The work lives in
-:mod:`tasks.pages`; every task reads and writes shards by path, so no page data crosses Prefect.
+Orchestration only: what runs after what, one Prefect task per shard, artifacts. The work lives in the
+stage packages (``tasks/ingest``, ``tasks/translate`` + ``tasks/render``, ``tasks/queries``,
+``tasks/negatives``); run-level preparation and the summary in ``tasks/run``. Every task reads and
+writes shards by path, so no page data crosses Prefect.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -17,26 +18,13 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from tasks import languages
-from tasks.models import build_recipe, load_profile
-from tasks.pages import (
-    changed_sources,
-    done_en_shards,
-    ingest_base_hash,
-    ingest_config,
-    ingest_shard_task,
-    lang_shard_name,
-    model_fingerprint,
-    plan_en_shards,
-    preload_engines,
-    reject_unknown_langs,
-    scan_sources,
-    translate_config,
-    translate_shard_task,
-)
-from tasks.report import summarize_run, summary_markdown
-from tasks.shards import Manifest, write_bytes_atomic
+from tasks.ingest.task import ingest_shard_task
+from tasks.negatives.task import train_shard_task
+from tasks.queries.task import queries_shard_task
+from tasks.run.prepare import prepare_run
+from tasks.run.summary import run_result, write_run_report
 from tasks.splits import DEFAULT_FRACTIONS
-from tasks.trainset import queries_shard_task, queries_summary, train_shard_task
+from tasks.translate.task import translate_shard_task
 
 DEFAULT_LANGS = "hi,ar,zh,ta,th,ru"
 
@@ -74,19 +62,6 @@ class SynthesizeParams(BaseModel):
     )
 
 
-def prepare_models(profile: dict[str, Any], build: bool) -> dict[str, str]:
-    """Build missing recipe models (if allowed) and fingerprint every stage's model once per run."""
-    if build:
-        for stage in ("layout", "translate"):
-            source = profile.get(stage, {}).get("model", "")
-            if source.startswith("recipe:"):
-                build_recipe(source.split(":", 1)[1])
-    return {
-        "layout": model_fingerprint(ingest_config(profile)["layout"]),
-        "translate": model_fingerprint(translate_config(profile, [])["translate"]),
-    }
-
-
 def task_runner(params: SynthesizeParams):
     """Threads by default; a Dask cluster (existing, or a LocalCluster of worker processes) on request."""
     if params.dask_address or params.dask_workers:
@@ -120,113 +95,82 @@ def synthesize(params: SynthesizeParams | None = None) -> dict[str, Any]:
 def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
     """The body of `synthesize` (a subflow so the task runner can be chosen per run)."""
     logger = get_run_logger()
-    root = Path(params.out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    profile = load_profile(params.profile)
-    langs, unknown = languages.parse_langs(params.langs)
-    fps = prepare_models(profile, params.build_models)
-    preload_engines()
-    manifest = Manifest(root)
-
-    if unknown:
-        reject_unknown_langs(root, unknown)
-        logger.warning("skipping unknown language codes: %s", ", ".join(unknown))
-
-    refs = scan_sources(params.sources)
-    changed = changed_sources(refs, manifest)
-    if changed:
-        manifest.supersede({sid: f"changed: {uri}" for sid, uri in changed.items()})
-        logger.info("%d source files changed since their last ingest; old versions superseded", len(changed))
-    ingest_base = ingest_base_hash(profile, fps["layout"])
-    source_ids = {r.source_id for r in refs}
-    existing = done_en_shards(manifest, ingest_base, source_ids)
-    done = set().union(*existing.values())
-    plan = plan_en_shards(refs, params.pages_per_shard, done)
-    logger.info(
-        "%d sources, %d already done, %d new English shards, languages: %s",
-        len(refs),
-        len(done & source_ids),
-        len(plan),
-        ",".join(langs),
+    run = prepare_run(
+        params.out,
+        params.profile,
+        params.langs,
+        params.sources,
+        pages_per_shard=params.pages_per_shard,
+        build_models=params.build_models,
     )
+    if run.unknown_langs:
+        logger.warning("skipping unknown language codes: %s", ", ".join(run.unknown_langs))
+    logger.info(run.describe())
+    root, prof, fps = str(run.root), run.profile, run.fingerprints
 
-    ingest_futures = {
-        name: ingest_shard_task.submit(str(root), name, group, profile, {"layout": fps["layout"]})
-        for name, group in plan.items()
+    ingest = {
+        en: ingest_shard_task.submit(root, en, group, prof, {"layout": fps["layout"]})
+        for en, group in run.new_en_shards.items()
     }
-    en_shards = sorted(set(ingest_futures) | set(existing))
-    translate_futures = {
+
+    def after_ingest(en: str) -> list[Any]:
+        return [ingest[en]] if en in ingest else []
+
+    translate = {
         (en, lang): translate_shard_task.submit(
-            str(root),
+            root,
             en,
             lang,
-            profile,
+            prof,
             list(params.formats),
             {"translate": fps["translate"]},
-            wait_for=[ingest_futures[en]] if en in ingest_futures else [],
+            wait_for=after_ingest(en),
         )
-        for en in en_shards
-        for lang in langs
+        for en in run.en_shards
+        for lang in run.langs
     }
-    futures = list(ingest_futures.values()) + list(translate_futures.values())
+    futures = [*ingest.values(), *translate.values()]
     if params.queries:
         # queries per group once its pages exist; negatives once every page of the corpus exists
-        query_futures = [
+        queries = [
             queries_shard_task.submit(
-                str(root),
+                root,
                 en,
-                langs,
-                profile,
+                run.langs,
+                prof,
                 params.cross_lingual,
                 params.split_fractions,
-                wait_for=[f for (e, _), f in translate_futures.items() if e == en]
-                + ([ingest_futures[en]] if en in ingest_futures else []),
+                wait_for=[translate[en, lang] for lang in run.langs] + after_ingest(en),
             )
-            for en in en_shards
+            for en in run.en_shards
         ]
-        train_futures = [
+        train = [
             train_shard_task.submit(
-                str(root),
-                en,
-                profile,
-                params.split_fractions,
-                wait_for=query_futures + list(translate_futures.values()),
+                root, en, prof, params.split_fractions, wait_for=queries + list(translate.values())
             )
-            for en in en_shards
+            for en in run.en_shards
         ]
-        futures += query_futures + train_futures
-    progress_id = create_progress_artifact(0.0, key="synthesize-progress", description="shards done")
+        futures += queries + train
+    results = collect(futures, key="synthesize-progress")
+
+    report = write_run_report(run.root, run.langs, with_queries=params.queries)
+    create_markdown_artifact(
+        report.markdown, key="synthesize-summary", description="pages per language, rejects, gallery"
+    )
+    worked = sum(not r["skipped"] for r in results)
+    logger.info(
+        "%d shard tasks, %d did work, %d skipped (complete)", len(results), worked, len(results) - worked
+    )
+    return run_result(run.root, run.langs, run.en_shards, results, report)
+
+
+def collect(futures: list[Any], *, key: str) -> list[dict[str, Any]]:
+    """Results of shard futures as they complete, with a Prefect progress artifact and a CLI bar."""
+    progress_id = create_progress_artifact(0.0, key=key, description="shards done")
     results: list[dict[str, Any]] = []
     with tqdm(total=len(futures), desc="shards", unit="shard", disable=None) as bar:
         for fut in as_completed(futures):
             results.append(fut.result())
             bar.update(1)
             update_progress_artifact(progress_id, 100.0 * len(results) / max(len(futures), 1))
-
-    summary = summarize_run(root, gallery_langs=["en", *langs])
-    qsum = queries_summary(root) if params.queries else None
-    md = summary_markdown(summary, queries=qsum)
-    write_bytes_atomic(
-        summary_markdown(summary, queries=qsum, embed_images=False).encode(),
-        root / "artifacts" / "summary.md",
-    )
-    create_markdown_artifact(md, key="synthesize-summary", description="pages per language, rejects, gallery")
-    worked = [r for r in results if not r["skipped"]]
-    logger.info(
-        "%d shard tasks, %d did work, %d skipped (complete in manifest)",
-        len(results),
-        len(worked),
-        len(results) - len(worked),
-    )
-    return {
-        "out": str(root),
-        "pages_per_lang": summary.pages_per_lang,
-        "rejects_by_reason": summary.rejects_by_reason,
-        "shards": sorted(results, key=lambda r: r["name"]),
-        "shards_worked": len(worked),
-        "queries": qsum,
-        "manifest": str(manifest.path),
-        "rejects_dir": str(root / "rejects"),
-        "artifact": str(root / "artifacts" / "summary.md"),
-        "lang_shards": {lang: [lang_shard_name(en, lang) for en in en_shards] for lang in langs},
-    }
+    return results

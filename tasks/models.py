@@ -1,30 +1,43 @@
-"""Model profiles and the model registry.
+"""Model profiles and model sources: the one place a stage's model string becomes a local path.
 
 A profile (``assets/profiles/<name>.toml``) names, per stage, an engine and a model *source*:
 
-- ``recipe:<name>``: built locally by ``m3dr models build`` (tiny configs of the production classes),
-  cached under ``models_dir()/<name>``;
+- ``recipe:<name>``: built locally by ``m3dr models build`` (tiny configs of the production classes,
+  one builder per recipe in the table of :mod:`tasks.recipes`), cached under ``models_dir()/<name>``;
 - ``hf:<repo id>`` or ``hf:<repo id>:<file>``: downloaded once from the Hugging Face hub;
 - a local path (absolute, or relative to the working directory).
 
 Stages ask ``resolve_source`` for a path and never look at the profile name, so the tiny and the full
-profile run the same code.
+profile run the same code. :func:`fingerprint` is the one model identity used in config hashes and
+caches.
+
+A leaf module: it imports only :mod:`tasks.paths` (recipe modules are named in :data:`RECIPES`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import importlib
 import shutil
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tasks.paths import PROFILES_DIR, models_dir
 
-# name -> builder(out_dir) ; filled by tasks.recipes (imported lazily to keep start-up light)
-RECIPES: dict[str, Callable[[Path], Path]] = {}
+# Files at least this large are fingerprinted by size + first and last MiB (multi-GB weights).
+WHOLE_FILE_LIMIT = 64 << 20
+
+
+# The recipe table: name -> "module:builder" (modules under tasks/recipes/, one per recipe). Named by
+# string and imported when built, so this module stays a leaf and reading the table costs nothing.
+RECIPES: dict[str, str] = {
+    "nllb-tiny": "tasks.recipes.nllb_tiny:build_nllb_tiny",
+    "doclayout-yolo-tiny": "tasks.recipes.doclayout_yolo_tiny:build",
+    "llm-tiny": "tasks.recipes.llm_tiny:build_llm_tiny",
+    "gemma3-tiny": "tasks.recipes.gemma3_tiny:build_gemma3_tiny",
+}
 
 
 class ModelSourceError(RuntimeError):
@@ -32,7 +45,8 @@ class ModelSourceError(RuntimeError):
 
 
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
-    """Load a profile by name (``tiny``, ``full``) or by path to a TOML file."""
+    """Load a profile by name (``tiny``, ``full``) or by path to a TOML file (not validated here:
+    ``tasks.run.prepare.validate_profile`` checks every stage table against its engine's config)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILES_DIR / f"{name_or_path}.toml"
@@ -45,10 +59,20 @@ def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     return profile
 
 
-def _recipes() -> dict[str, Callable[[Path], Path]]:
-    if not RECIPES:
-        import tasks.recipes  # noqa: F401  (registers builders)
-    return RECIPES
+def lookup(table: Mapping[str, str], name: str, what: str, error: type[Exception] = ValueError) -> Any:
+    """The object a ``"module:attribute"`` entry of a lazy table names (recipes, encoders), its module
+    imported now; an unknown name fails listing the known ones."""
+    try:
+        target = table[name]
+    except KeyError:
+        raise error(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def recipe_builder(name: str) -> Callable[[Path], Path]:
+    """The builder of a recipe (its module imported now)."""
+    return lookup(RECIPES, name, "recipe", ModelSourceError)
 
 
 def recipe_dir(name: str) -> Path:
@@ -57,9 +81,7 @@ def recipe_dir(name: str) -> Path:
 
 def build_recipe(name: str, *, force: bool = False) -> Path:
     """Build a tiny local model by recipe name into the model cache (no-op when already built)."""
-    builders = _recipes()
-    if name not in builders:
-        raise ModelSourceError(f"unknown recipe {name!r}; known: {', '.join(sorted(builders))}")
+    builder = recipe_builder(name)
     out = recipe_dir(name)
     done = out / ".complete"
     if done.exists() and not force:
@@ -67,7 +89,7 @@ def build_recipe(name: str, *, force: bool = False) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    builders[name](tmp)
+    builder(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     (out / ".complete").write_text("ok\n")
@@ -103,38 +125,38 @@ def resolve_source(source: str) -> Path:
     raise ModelSourceError(f"model source {source!r} is neither recipe:, hf: nor an existing path")
 
 
-def fingerprint(path: Path) -> str:
-    """A short, stable id of a model's files (used in config hashes and caches)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if f.name.startswith("."):
+def _model_files(path: Path) -> list[tuple[str, Path]]:
+    """(relative name, file) of a model file or directory, minus dotfiles and provenance files."""
+    if path.is_file():
+        return [(path.name, path)]
+    out = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
             continue
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        st = f.stat()
-        if st.st_size < 64 << 20:
-            h.update(f.read_bytes())
-        else:  # large weights: size + head/tail is enough to tell builds apart, and cheap
-            with f.open("rb") as fh:
-                h.update(str(st.st_size).encode())
+        out.append((rel.as_posix(), f))
+    return out
+
+
+def fingerprint(path: Path, n: int = 16) -> str:
+    """A short, stable id of a model's files: sha256 over their relative names and bytes."""
+    h = hashlib.sha256()
+    for rel, f in _model_files(Path(path)):
+        size = f.stat().st_size
+        h.update(len(rel.encode()).to_bytes(8, "little") + rel.encode())
+        h.update(size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            if size < WHOLE_FILE_LIMIT:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:  # multi-GB weights: size + head + tail tell builds apart cheaply
                 h.update(fh.read(1 << 20))
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:n]
 
 
-def convert_nllb_to_ct2(hf_dir: Path, out_dir: Path, quantization: str = "int8") -> Path:
-    """Convert an NLLB/M2M100 transformers checkpoint to CTranslate2 with CT2's own converter.
-
-    The tokenizer is saved beside the CT2 weights so one directory serves both.
-    """
-    import ctranslate2
-    from transformers import AutoTokenizer
-
-    converter = ctranslate2.converters.TransformersConverter(str(hf_dir))
-    converter.convert(str(out_dir), quantization=quantization, force=True)
-    AutoTokenizer.from_pretrained(str(hf_dir)).save_pretrained(str(out_dir))
-    (out_dir / "m3dr_conversion.json").write_text(
-        json.dumps({"from": str(hf_dir), "quantization": quantization}, indent=2)
-    )
-    return out_dir
+def model_fingerprint(stage_cfg: dict[str, Any]) -> str:
+    """Fingerprint of the model a stage config points at ('' for engines with bundled weights)."""
+    source = stage_cfg.get("model")
+    return fingerprint(resolve_source(source)) if source else ""

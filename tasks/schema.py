@@ -8,6 +8,7 @@ metadata carries a ``huggingface`` feature description for the same reason.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,6 +89,8 @@ REJECTS_SCHEMA = pa.schema(
 
 
 QUERY_KINDS: tuple[str, ...] = ("factual", "keyword", "paraphrase", "phrase", "summary")
+# The kinds a queries stage asks for when its profile names none (the one default, used by every engine).
+DEFAULT_QUERY_KINDS: tuple[str, ...] = ("factual", "keyword", "paraphrase")
 SPLITS: tuple[str, ...] = ("train", "dev", "benchmark")
 
 QUERIES_SCHEMA = pa.schema(
@@ -253,9 +256,102 @@ class PageRecord:
         )
 
 
+@dataclass(frozen=True)
+class QueryRecord:
+    """One row of a queries shard (``QUERIES_SCHEMA``, same fields in the same order)."""
+
+    query_id: str
+    query: str
+    query_lang: str
+    kind: str
+    page_id: str
+    target_lang: str
+    cross_lingual: bool
+    source_page_id: str
+    source_id: str
+    split: str
+    generator: str
+    prompt_version: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in QUERY_KINDS:
+            raise ValueError(f"query kind {self.kind!r} is not one of {QUERY_KINDS}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split {self.split!r} is not one of {SPLITS}")
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> QueryRecord:
+        return cls(**{name: row[name] for name in QUERIES_SCHEMA.names})
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """One row of a train shard (``TRAIN_SCHEMA``): a query, its positive, its parallel group and
+    its mined negatives."""
+
+    query_id: str
+    query: str
+    query_lang: str
+    kind: str
+    positive_page_id: str
+    positive_lang: str
+    source_page_id: str
+    source_id: str
+    parallel_page_ids: list[str]
+    negative_page_ids: list[str]
+    negative_scores: list[float]
+    positive_score: float
+    miner: str
+    split: str
+    generator: str
+    prompt_version: str
+
+    def __post_init__(self) -> None:
+        if len(self.negative_page_ids) != len(self.negative_scores):
+            raise ValueError("one score per negative")
+        if set(self.negative_page_ids) & set(self.parallel_page_ids):
+            raise ValueError("a page of the positive's parallel group can never be a negative")
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TrainRecord:
+        return cls(**{name: row[name] for name in TRAIN_SCHEMA.names})
+
+
+# the typed rows and their schemas name the same columns in the same order
+for _record, _schema in ((QueryRecord, QUERIES_SCHEMA), (TrainRecord, TRAIN_SCHEMA)):
+    assert [f for f in _record.__dataclass_fields__] == _schema.names, _record
+
+
+def queries_table(rows: Iterable[QueryRecord | dict[str, Any]]) -> pa.Table:
+    """A queries shard's table; every row (record or dict) passes through :class:`QueryRecord`."""
+    recs = [r if isinstance(r, QueryRecord) else QueryRecord.from_row(r) for r in rows]
+    return pa.Table.from_pylist([r.to_row() for r in recs], schema=QUERIES_SCHEMA)
+
+
+def train_table(rows: Iterable[TrainRecord | dict[str, Any]]) -> pa.Table:
+    """A train shard's table; every row (record or dict) passes through :class:`TrainRecord`."""
+    recs = [r if isinstance(r, TrainRecord) else TrainRecord.from_row(r) for r in rows]
+    return pa.Table.from_pylist([r.to_row() for r in recs], schema=TRAIN_SCHEMA)
+
+
 def pages_table(records: list[PageRecord]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in records], schema=PAGES_SCHEMA)
 
 
 def rejects_table(rejects: list[Reject]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in rejects], schema=REJECTS_SCHEMA)
+
+
+def encode_png(image: Any) -> bytes:
+    """A PIL image as the PNG bytes of the ``image`` column (fixed options: same pixels ⇒ same bytes)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()

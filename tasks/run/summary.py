@@ -1,0 +1,209 @@
+"""Run summaries for artifacts: counts per language, rejects by reason, a small page gallery.
+(What a synthesize run produced; the benchmark's report is ``eval/benchmark_report.py``.)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tasks.shards import (
+    Manifest,
+    read_rejects,
+    write_bytes_atomic,
+)
+
+
+@dataclass
+class RunSummary:
+    root: str
+    pages_per_lang: dict[str, int] = field(default_factory=dict)
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    rejects_by_stage_lang: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    gallery: dict[str, str] = field(default_factory=dict)  # lang -> thumbnail path
+
+    @property
+    def total_rejects(self) -> int:
+        return sum(self.rejects_by_reason.values())
+
+
+def _thumbnail_png(png: bytes, width: int) -> bytes:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img.thumbnail((width, width * 2))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def summarize_run(
+    root: Path, *, gallery_langs: list[str] | None = None, thumb_width: int = 360
+) -> RunSummary:
+    """Read the manifest and rejects of an output root and write gallery thumbnails under artifacts/."""
+    root = Path(root)
+    manifest = Manifest(root)
+    summary = RunSummary(root=str(root))
+    pages = manifest.shards("pages")
+    summary.shards = len(pages)
+    per_lang: Counter[str] = Counter()
+    superseded = bool(manifest.superseded())
+    for e in pages:  # pages of superseded sources (a newer version was ingested) no longer count
+        per_lang[e.lang] += manifest.live_table(e, ["source_id"]).num_rows if superseded else e.rows
+    summary.pages_per_lang = dict(sorted(per_lang.items()))
+    rejects = read_rejects(root)
+    summary.rejects_by_reason = dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))
+    summary.rejects_by_stage_lang = dict(
+        sorted(
+            Counter(
+                f"{s}/{lang or '-'}"
+                for s, lang in zip(
+                    rejects.column("stage").to_pylist(), rejects.column("lang").to_pylist(), strict=True
+                )
+            ).items()
+        )
+    )
+    # Gallery: the same source page in every language, so a reader can compare renderings side by side.
+    by_lang = {e.lang: root / e.path for e in sorted(pages, key=lambda e: e.name) if e.rows}
+    if "en" in by_lang:
+        en = pq.read_table(by_lang["en"], columns=["page_id"])
+        langs = gallery_langs or sorted(by_lang)
+        candidates = en.column("page_id").to_pylist()
+        chosen = None
+        for pid in candidates:  # first English page that has a rendering in the most languages
+            hits = 0
+            for lang in langs:
+                t = pq.read_table(by_lang.get(lang, by_lang["en"]), columns=["source_page_id"])
+                hits += int(pc.any(pc.equal(t.column("source_page_id"), pid)).as_py() or False)
+            if chosen is None or hits > chosen[1]:
+                chosen = (pid, hits)
+            if hits == len(langs):
+                break
+        if chosen is not None:
+            for lang in langs:
+                if lang not in by_lang:
+                    continue
+                t = pq.read_table(by_lang[lang], columns=["source_page_id", "image"])
+                mask = pc.equal(t.column("source_page_id"), chosen[0])
+                rows = t.filter(mask).to_pylist()
+                if rows:
+                    out = root / "artifacts" / "gallery" / f"{lang}.png"
+                    write_bytes_atomic(_thumbnail_png(rows[0]["image"]["bytes"], thumb_width), out)
+                    summary.gallery[lang] = str(out)
+    return summary
+
+
+def summary_markdown(
+    summary: RunSummary,
+    *,
+    queries: dict | None = None,
+    title: str = "m3dr synthesize",
+    embed_images: bool = True,
+) -> str:
+    """Markdown for the Prefect artifact and ``artifacts/summary.md``."""
+    lines = [f"# {title}", "", f"Output: `{summary.root}` · {summary.shards} pages shards", ""]
+    lines += ["## Pages per language", "", "| lang | pages |", "|---|---:|"]
+    lines += [f"| {lang} | {n} |" for lang, n in summary.pages_per_lang.items()]
+    if queries is not None:
+        lines += ["", f"## Queries ({queries['queries']}, {queries['cross_lingual']} cross-lingual)", ""]
+        lines += ["| lang/kind (monolingual) | queries |", "|---|---:|"]
+        lines += [f"| {k} | {n} |" for k, n in queries["mono_per_lang_kind"].items()]
+        lines += [
+            "",
+            f"Train rows: {queries['train_rows']} · negatives per query: "
+            f"{queries['negatives_per_query']:.2f}",
+        ]
+    lines += ["", f"## Rejects by reason ({summary.total_rejects})", ""]
+    if summary.rejects_by_reason:
+        lines += ["| reason | rows |", "|---|---:|"]
+        lines += [f"| {r} | {n} |" for r, n in summary.rejects_by_reason.items()]
+        lines += ["", "| stage/lang | rows |", "|---|---:|"]
+        lines += [f"| {k} | {n} |" for k, n in summary.rejects_by_stage_lang.items()]
+    else:
+        lines.append("none")
+    if summary.gallery:
+        lines += ["", "## Gallery (one source page in each language)", ""]
+        for lang, path in summary.gallery.items():
+            if embed_images:
+                b64 = base64.b64encode(Path(path).read_bytes()).decode()
+                lines.append(f"**{lang}**  \n![{lang}](data:image/png;base64,{b64})\n")
+            else:
+                lines.append(f"**{lang}**  \n![{lang}](gallery/{Path(path).name})\n")
+    return "\n".join(lines) + "\n"
+
+
+def queries_summary(root: Path) -> dict[str, Any]:
+    """Counts for the artifact: queries per language and kind, cross-lingual share, negatives per query."""
+    manifest = Manifest(root)
+    per_lang_kind: Counter[str] = Counter()
+    cross = 0
+    total = 0
+    for e in manifest.shards("queries"):
+        t = pq.read_table(root / e.path, columns=["query_lang", "kind", "cross_lingual"]).to_pylist()
+        for r in t:
+            if not r["cross_lingual"]:
+                per_lang_kind[f"{r['query_lang']}/{r['kind']}"] += 1
+            cross += int(r["cross_lingual"])
+            total += 1
+    negs = [
+        len(r)
+        for e in manifest.shards("train")
+        for r in pq.read_table(root / e.path, columns=["negative_page_ids"]).column(0).to_pylist()
+    ]
+    return {
+        "queries": total,
+        "cross_lingual": cross,
+        "mono_per_lang_kind": dict(sorted(per_lang_kind.items())),
+        "train_rows": len(negs),
+        "negatives_per_query": (sum(negs) / len(negs)) if negs else math.nan,
+    }
+
+
+@dataclass
+class RunReport:
+    """The end of a synthesize run: counts, the artifact markdown and what the flow returns."""
+
+    summary: RunSummary
+    queries: dict[str, Any] | None
+    markdown: str
+    artifact_path: Path
+
+
+def write_run_report(root: Path, langs: list[str], *, with_queries: bool) -> RunReport:
+    """Summarise an output root and write ``artifacts/summary.md`` (thumbnails as files; the returned
+    markdown embeds them, for the Prefect artifact)."""
+    root = Path(root)
+    summary = summarize_run(root, gallery_langs=["en", *langs])
+    qsum = queries_summary(root) if with_queries else None
+    path = root / "artifacts" / "summary.md"
+    write_bytes_atomic(summary_markdown(summary, queries=qsum, embed_images=False).encode(), path)
+    return RunReport(summary, qsum, summary_markdown(summary, queries=qsum), path)
+
+
+def run_result(
+    root: Path, langs: list[str], en_shards: list[str], results: list[dict[str, Any]], report: RunReport
+) -> dict[str, Any]:
+    """The synthesize flow's return value: counts and paths (never page data)."""
+    from tasks.translate.shard import lang_shard_name
+
+    worked = [r for r in results if not r["skipped"]]
+    return {
+        "out": str(root),
+        "pages_per_lang": report.summary.pages_per_lang,
+        "rejects_by_reason": report.summary.rejects_by_reason,
+        "shards": sorted(results, key=lambda r: r["name"]),
+        "shards_worked": len(worked),
+        "queries": report.queries,
+        "manifest": str(Manifest(root).path),
+        "rejects_dir": str(root / "rejects"),
+        "artifact": str(report.artifact_path),
+        "lang_shards": {lang: [lang_shard_name(en, lang) for en in en_shards] for lang in langs},
+    }

@@ -1,0 +1,245 @@
+"""Translation engines: NLLB-200 (any M2M100-layout model) through CTranslate2, behind one protocol.
+
+Engines are looked up in ``ENGINES`` by the profile's ``[translate].engine``; the model comes from a
+source string (``recipe:``, ``hf:``, path) resolved by ``tasks.models``. A transformers NLLB checkpoint
+is converted once with CTranslate2's own converter into the model cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from tasks.config import check_config
+from tasks.models import fingerprint, resolve_source
+from tasks.paths import models_dir
+
+
+@runtime_checkable
+class Translator(Protocol):
+    """A batch translator over FLORES-200 codes.
+
+    Optional: ``count_tokens(texts) -> list[int]`` (used for chunking; words are counted otherwise).
+    """
+
+    model_id: str
+
+    def translate_batch(self, texts: list[str], src_flores: str, tgt_flores: str) -> list[str]: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# CTranslate2 NLLB engine
+
+
+def _resolve_compute_type(compute_type: str, device: str) -> str:
+    if compute_type != "auto":
+        return compute_type
+    return "int8_float16" if device.startswith("cuda") else "int8"
+
+
+class CT2NllbTranslator:
+    """NLLB-200 (or any M2M100-layout model) converted to CTranslate2, with its HF tokenizer.
+
+    Source tokens follow the NLLB convention ``[src_lang] tokens </s>``; the target language is forced
+    with ``target_prefix=[[tgt_lang]]`` and stripped from the output. Inputs are sorted by token length
+    and cut into batches of ``max_batch_size`` so that padding stays small; order is restored.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        compute_type: str = "auto",
+        beam_size: int = 1,
+        max_batch_size: int = 32,
+        inter_threads: int = 1,
+        intra_threads: int = 0,
+        max_decoding_length: int = 256,
+        no_repeat_ngram_size: int = 0,
+        max_length_ratio: float = 3.0,
+    ) -> None:
+        import ctranslate2
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "model.bin").is_file():
+            raise FileNotFoundError(f"{self.model_dir} is not a CTranslate2 model (no model.bin)")
+        self.device = device
+        self.compute_type = _resolve_compute_type(compute_type, device)
+        self.beam_size = beam_size
+        self.max_batch_size = max_batch_size
+        self.max_decoding_length = max_decoding_length
+        self.no_repeat_ngram_size = no_repeat_ngram_size
+        self.max_length_ratio = max_length_ratio
+        self._ct2 = ctranslate2.Translator(
+            str(self.model_dir),
+            device=device,
+            compute_type=self.compute_type,
+            inter_threads=inter_threads,
+            intra_threads=intra_threads,
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self._special = set(self.tokenizer.all_special_tokens)
+        self.batches_run = 0
+        # Everything that changes the output goes into the id (it keys the translation cache).
+        self.model_id = (
+            f"ct2-nllb:{self.model_dir.name}:{fingerprint(self.model_dir)}:{self.compute_type}"
+            f":beam{beam_size}:nrng{no_repeat_ngram_size}:len{max_decoding_length}x{max_length_ratio:g}"
+        )
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> CT2NllbTranslator:
+        """Build from a profile's ``[translate]`` table (converting a transformers checkpoint once)."""
+        device = cfg.get("device", "cpu")
+        if device.startswith("cuda"):
+            import ctranslate2
+
+            if ctranslate2.get_cuda_device_count() == 0:
+                raise RuntimeError("translate.device is cuda but CTranslate2 sees no CUDA device")
+        quant = cfg.get("quantization") or ("int8_float16" if device.startswith("cuda") else "int8")
+        model_dir = ensure_ct2_model(cfg["model"], quantization=quant)
+        keys = (
+            "compute_type",
+            "beam_size",
+            "max_batch_size",
+            "inter_threads",
+            "intra_threads",
+            "max_decoding_length",
+            "no_repeat_ngram_size",
+            "max_length_ratio",
+        )
+        return cls(model_dir, device=device, **{k: cfg[k] for k in keys if k in cfg})
+
+    # tokenisation ---------------------------------------------------------------------------------
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Subword tokens per text (without language/eos tokens)."""
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def tokenize_source(self, texts: Sequence[str], src_flores: str) -> list[list[str]]:
+        """Token lists sent to CTranslate2: ``[src_lang] tokens </s>`` (NLLB non-legacy convention)."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        eos = self.tokenizer.eos_token
+        return [[src_flores, *self.tokenizer.convert_ids_to_tokens(row), eos] for row in ids]
+
+    def detokenize(self, tokens: Sequence[str], tgt_flores: str) -> str:
+        """Strip the forced language prefix and special tokens, then join subwords into text."""
+        toks = list(tokens)
+        if toks and toks[0] == tgt_flores:
+            toks = toks[1:]
+        toks = [t for t in toks if t not in self._special]
+        return self.tokenizer.convert_tokens_to_string(toks).strip()
+
+    # translation ----------------------------------------------------------------------------------
+
+    def translate_tokens(self, batch: list[list[str]], tgt_flores: str) -> list[list[str]]:
+        """One CTranslate2 call on pre-tokenised sources; returns hypotheses with the prefix kept."""
+        longest = max(len(t) for t in batch)
+        max_len = min(self.max_decoding_length, int(self.max_length_ratio * longest) + 8)
+        results = self._ct2.translate_batch(
+            batch,
+            target_prefix=[[tgt_flores]] * len(batch),
+            beam_size=self.beam_size,
+            max_batch_size=self.max_batch_size,
+            max_decoding_length=max_len,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            return_scores=False,
+        )
+        self.batches_run += 1
+        return [r.hypotheses[0] for r in results]
+
+    def translate_batch(self, texts: list[str], src_flores: str, tgt_flores: str) -> list[str]:
+        """Translate texts (already sentence-chunked) from one FLORES language to another."""
+        if not texts:
+            return []
+        tokens = self.tokenize_source(texts, src_flores)
+        order = sorted(range(len(texts)), key=lambda i: (len(tokens[i]), i))
+        out: list[str] = [""] * len(texts)
+        for start in range(0, len(order), self.max_batch_size):
+            idx = order[start : start + self.max_batch_size]
+            hyps = self.translate_tokens([tokens[i] for i in idx], tgt_flores)
+            for i, hyp in zip(idx, hyps, strict=True):
+                out[i] = self.detokenize(hyp, tgt_flores)
+        return out
+
+
+ENGINES: dict[str, type] = {"ctranslate2": CT2NllbTranslator}
+
+
+def _is_transformers_m2m100(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    import json
+
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError:
+        return False
+    return data.get("model_type") == "m2m_100" or "M2M100ForConditionalGeneration" in data.get(
+        "architectures", []
+    )
+
+
+def ensure_ct2_model(source: str, quantization: str = "int8") -> Path:
+    """A CTranslate2 directory for a model source.
+
+    A CT2 dir (``model.bin``) or a recipe dir with ``ct2/`` is used as is; a transformers NLLB checkpoint
+    (e.g. ``hf:facebook/nllb-200-distilled-600M``) is converted once into the model cache, under a file
+    lock so concurrent workers convert it only once.
+    """
+    path = resolve_source(source)
+    for cand in (path, path / "ct2"):
+        if (cand / "model.bin").is_file():
+            return cand
+    hf = next((c for c in (path, path / "hf") if _is_transformers_m2m100(c)), None)
+    if hf is None:
+        raise ValueError(
+            f"{source!r} ({path}) is neither a CTranslate2 model nor a transformers NLLB checkpoint"
+        )
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", source).strip("_")
+    out = models_dir() / "ct2-converted" / f"{safe}-{quantization}"
+    done = out / ".complete"
+    if done.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            convert_nllb_to_ct2(hf, out, quantization=quantization)
+            done.write_text("ok\n")
+    return out
+
+
+def build_translator(cfg: dict[str, Any]) -> Translator:
+    """The translator named by a profile's ``[translate]`` table (``engine`` → ``ENGINES``)."""
+    from tasks.translate.config import TRANSLATE_CONFIGS
+
+    engine = cfg.get("engine", "ctranslate2")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown translate engine {engine!r}; known: {', '.join(sorted(ENGINES))}")
+    check_config("translate", cfg, TRANSLATE_CONFIGS[engine])
+    return ENGINES[engine].from_config(cfg)
+
+
+def convert_nllb_to_ct2(hf_dir: Path, out_dir: Path, quantization: str = "int8") -> Path:
+    """Convert an NLLB/M2M100 transformers checkpoint to CTranslate2 with CT2's own converter.
+
+    The tokenizer is saved beside the CT2 weights so one directory serves both.
+    """
+    import ctranslate2
+    from transformers import AutoTokenizer
+
+    converter = ctranslate2.converters.TransformersConverter(str(hf_dir))
+    converter.convert(str(out_dir), quantization=quantization, force=True)
+    AutoTokenizer.from_pretrained(str(hf_dir)).save_pretrained(str(out_dir))
+    (out_dir / "m3dr_conversion.json").write_text(
+        json.dumps({"from": str(hf_dir), "quantization": quantization}, indent=2)
+    )
+    return out_dir

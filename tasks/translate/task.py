@@ -1,0 +1,23 @@
+"""Prefect task of the translate + render stage (one task per shard and language)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tasks.translate.shard import translate_shard
+
+
+@task(name="translate-shard", task_run_name="translate {en_shard} → {lang}", retries=1, retry_delay_seconds=5)
+def translate_shard_task(
+    root: str,
+    en_shard: str,
+    lang: str,
+    profile: dict[str, Any],
+    formats: list[str],
+    model_fps: dict[str, str],
+) -> dict[str, Any]:
+    """Prefect wrapper of :func:`translate_shard`."""
+    return translate_shard(Path(root), en_shard, lang, profile, formats, model_fps=model_fps).to_dict()
