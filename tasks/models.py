@@ -9,7 +9,8 @@ A profile (``assets/profiles/<name>.toml``) names, per stage, an engine and a mo
 
 Stages ask ``resolve_source`` for a path and never look at the profile name, so the tiny and the full
 profile run the same code. :func:`fingerprint` is the one model identity used in config hashes and
-caches.
+caches: it depends on what the model computes (weights, configs, tokenizer files), never on where or
+when it was built.
 
 A leaf module: it imports only :mod:`tasks.paths` (recipe modules are named in :data:`RECIPES`).
 """
@@ -26,6 +27,9 @@ from typing import Any
 
 from tasks.paths import PROFILES_DIR, models_dir
 
+# Files a fingerprint skips: provenance we write beside a model (build times, absolute build paths),
+# which says how a model was made, not what it computes.
+PROVENANCE_FILES: frozenset[str] = frozenset({"recipe.json", "m3dr_conversion.json", "README.md"})
 # Files at least this large are fingerprinted by size + first and last MiB (multi-GB weights).
 WHOLE_FILE_LIMIT = 64 << 20
 
@@ -132,14 +136,19 @@ def _model_files(path: Path) -> list[tuple[str, Path]]:
     out = []
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts) or f.name in PROVENANCE_FILES:
             continue
         out.append((rel.as_posix(), f))
     return out
 
 
 def fingerprint(path: Path, n: int = 16) -> str:
-    """A short, stable id of a model's files: sha256 over their relative names and bytes."""
+    """A short, stable id of what a model computes: sha256 over its files' relative names and bytes.
+
+    Independent of the directory it lives in and of provenance files (``recipe.json`` with build
+    times, ``m3dr_conversion.json`` with the absolute path it was converted from), so two builds
+    with the same weights and tokenizer share a fingerprint wherever and whenever they were built.
+    """
     h = hashlib.sha256()
     for rel, f in _model_files(Path(path)):
         size = f.stat().st_size
