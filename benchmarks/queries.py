@@ -1,4 +1,4 @@
-"""Queries/s through the vLLM engine of tasks/queries.py (async, ``--concurrency`` requests in flight) vs a
+"""Queries/s through tasks/queries/vllm.py (async, ``--concurrency`` requests in flight) vs a
 sequential client (one request at a time, httpx, no asyncio) against the same server, in one run.
 
 Both send identical request bodies (``VllmQueryGenerator.request_body``: same prompt, page text, JSON

@@ -1,6 +1,6 @@
 """Retrieval metrics that equal trec_eval's (as wrapped by ``pytrec_eval``, which BEIR and MTEB use).
 
-Conventions, each checked against ``pytrec_eval`` in tests/test_metrics.py:
+Conventions, each checked against ``pytrec_eval`` in tests/eval/test_metrics.py:
 
 * **Ranking.** A query's run is sorted by score descending, ties broken by docid in *descending*
   lexicographic order (trec_eval's ``comp_sim_docno``). Scores are compared as **float32**, because

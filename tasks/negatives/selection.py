@@ -1,6 +1,6 @@
-"""Hard-negative mining for train shards: query → positive page + negatives, behind one interface.
+"""Selecting hard negatives for train shards: query → positive page + negatives, whatever the miner.
 
-Miners (``MINERS``, picked by a profile's ``[negatives]`` table):
+Miners (``tasks.negatives.miners.MINERS``, picked by a profile's ``[negatives]`` table):
 
 - ``in-batch`` — no mined negatives (the M3DR paper's best setting for multilingual training: the
   trainer uses the other queries' positives of the batch). ``positive_score`` is nan.
@@ -51,8 +51,8 @@ Every scoring miner goes through :func:`select_negatives`, the single place nega
    the top-N of C1, the rest from the top-N of C2; with ``backfill`` a short pool is topped up from
    the other one.
 
-Pure functions below (:func:`mine_negatives`, :func:`select_negatives`, :func:`mined_to_train_rows`);
-``flows/`` wraps them in Prefect tasks.
+Pure functions (:func:`mine_negatives`, :func:`select_negatives`, :func:`mined_to_train_rows`); the
+shard driver (``shard.py``) applies them per split, ``task.py`` wraps that in a Prefect task.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""vLLM query engine: one chat request per page to an OpenAI-compatible server.
+"""vLLM query engine: one chat request per page to an OpenAI-compatible server (``vllm serve``).
 
-a vLLM OpenAI-compatible server (``vllm serve``) driven by an asyncio + httpx client with a
- concurrency limit and retries with backoff (timeouts, connection errors, 408/429/5xx; the plumbing is
- ``tasks/openai_http.py``, shared with the reranker of ``eval/rerank.py``). One chat request per
- page: the versioned prompt of ``assets/prompts/``, the page's region text inside a delimited data
- block, the page image as a base64 PNG for vision models, and a JSON-schema ``response_format`` so
- the reply always parses. URL and API key come from the config, an environment
- variable or a Prefect Secret block; the key is never logged nor shown in ``repr``.
+An asyncio + httpx client with a concurrency limit and retries with backoff (timeouts, connection
+errors, 408/429/5xx), through ``tasks.llm.client.ChatEndpoint``, shared with the reranker of
+``eval/rerank.py``. One chat request per page: the versioned prompt of ``assets/prompts/``, the page's
+region text inside a delimited data block, the page image as a base64 PNG for vision models, and a
+JSON-schema ``response_format`` so the reply always parses. URL and API key come from the config, an
+environment variable or a Prefect Secret block; the key is never logged nor shown in ``repr``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Pure functions, no Prefect. The pipeline per box:
    size smaller; text that does not fit at ``min_font_px`` fails with
    ``RejectReason.TEXT_DOES_NOT_FIT`` and leaves the image untouched.
 
-``page_pdf`` sets the same layout (measured with HarfBuzz) as a real text layer with reportlab
+``tasks.render.pdf.page_pdf`` sets the same layout (HarfBuzz-measured) as a real text layer with reportlab
 ``Paragraph`` objects (``shaping=1``) over the page image with the translated boxes erased.
 """
 

