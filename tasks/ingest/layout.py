@@ -321,7 +321,7 @@ class DocLayoutYoloDetector:
             torch.set_num_threads(int(threads))  # process-wide; on a shared CPU 1 beats oversubscription
         self.model = YOLOv10(str(self.weights))
         self.names: dict[int, str] = dict(self.model.names)
-        check_label_map(self.names.values(), DOCSTRUCTBENCH_LABELS)
+        check_label_map(self.names.values(), DOCSTRUCTBENCH_LABELS, "doclayout-yolo")
         self.model_id = f"doclayout-yolo:{self.weights.name}:{fingerprint(self.weights)}"
         self._lock = threading.Lock()
 
