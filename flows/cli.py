@@ -12,10 +12,8 @@ import typer
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from flows.benchmark import BenchmarkParams
 from flows.options import _parse, params_from, with_model_options
-from flows.synthesize import SynthesizeParams
-from flows.train import TrainParams
+from flows.params import BenchmarkParams, SynthesizeParams, TrainParams
 
 app = typer.Typer(help="m3dr: multilingual document-retrieval data factory.", no_args_is_help=True)
 models_app = typer.Typer(help="Build and list models of a profile.", no_args_is_help=True)

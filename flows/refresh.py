@@ -11,7 +11,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.synthesize import SynthesizeParams, synthesize
+from flows.params import SynthesizeParams
+from flows.synthesize import synthesize
 
 
 @flow(name="refresh", log_prints=True)

@@ -8,58 +8,21 @@ writes shards by path, so no page data crosses Prefect.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from tasks import languages
+from flows.params import SynthesizeParams
 from tasks.ingest.task import ingest_shard_task
 from tasks.negatives.task import train_shard_task
 from tasks.queries.task import queries_shard_task
 from tasks.run.prepare import prepare_run
 from tasks.run.summary import run_result, write_run_report
-from tasks.splits import DEFAULT_FRACTIONS
 from tasks.translate.task import translate_shard_task
-
-DEFAULT_LANGS = "hi,ar,zh,ta,th,ru"
-
-
-class SynthesizeParams(BaseModel):
-    """Parameters of the `synthesize` flow (rendered as a form in the Prefect UI)."""
-
-    sources: str = Field("assets/samples", description="Directory, glob, or .txt list of PDF/image files.")
-    langs: str = Field(
-        DEFAULT_LANGS,
-        description=f"Comma-separated ISO codes, or 'all' ({', '.join(languages.ALL_LANGS)}).",
-    )
-    profile: str = Field("tiny", description="Model profile name (assets/profiles/*.toml) or a TOML path.")
-    out: str = Field("out/demo", description="Output root: shards, manifest, rejects, artifacts.")
-    formats: list[Literal["png", "pdf"]] = Field(
-        default_factory=lambda: ["png"],
-        description="png: page images (always); pdf: also a one-page PDF with a shaped text layer.",
-    )
-    pages_per_shard: int = Field(512, ge=1, le=8192, description="Pages per shard (= per Prefect task).")
-    workers: int = Field(2, ge=1, description="Shard tasks in parallel (threads) when no Dask is used.")
-    dask_address: str | None = Field(
-        None, description="Address of an existing Dask scheduler (tcp://host:8786): run shard tasks there."
-    )
-    dask_workers: int = Field(
-        0, ge=0, description="> 0: start a local Dask cluster with this many worker processes for the run."
-    )
-    build_models: bool = Field(True, description="Build missing local recipe models before starting.")
-    queries: bool = Field(True, description="Also synthesize queries and mine negatives into train shards.")
-    cross_lingual: bool = Field(
-        True, description="Also pair queries with the parallel pages in other languages."
-    )
-    split_fractions: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_FRACTIONS),
-        description="Share of source documents in train / dev / benchmark (split by document).",
-    )
 
 
 def task_runner(params: SynthesizeParams):

@@ -13,32 +13,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, Field
 
-from training.config import TrainConfig
+from flows.params import TrainParams
 from training.launch import loss_report, resolve_nproc, run_training
-
-
-class TrainParams(BaseModel):
-    """Parameters of `train-netra` (rendered as a form in the Prefect UI)."""
-
-    data: str = Field("out/demo", description="Output root of a `synthesize` run (train + pages shards).")
-    out: str = Field("out/train", description="Run directory: checkpoints, final adapter, logs.")
-    gpus: int = Field(
-        0,
-        ge=0,
-        description="Processes: 0 = every visible CUDA GPU (1 CPU process without one); >1 uses torchrun.",
-    )
-    config: TrainConfig = Field(
-        default_factory=TrainConfig, description="Model, retriever and hyperparameters."
-    )
-    benchmark: bool = Field(
-        False, description="Then run `benchmark-nayana` on the trained retriever (held-out split of `data`)."
-    )
-    benchmark_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="benchmark-nayana parameter overrides, e.g. {langs: 'hi,ta', max_queries_per_lang: 50}.",
-    )
 
 
 @task(name="train-retriever", task_run_name="train {params.config.retriever} ({nproc} proc)")
@@ -63,7 +40,8 @@ def train_netra(params: TrainParams | None = None) -> dict[str, Any]:
 
 def run_benchmark(params: TrainParams, final_dir: Path) -> dict[str, Any]:
     """`benchmark-nayana` as a subflow on the freshly trained retriever (results under <out>/benchmark)."""
-    from flows.benchmark import BenchmarkParams, benchmark_nayana
+    from flows.benchmark import benchmark_nayana
+    from flows.params import BenchmarkParams
 
     options = {"data": params.data, "out": str(Path(params.out) / "benchmark"), **params.benchmark_options}
     options["encoder"] = {"engine": "vlm-retriever", "path": str(final_dir)}

