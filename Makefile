@@ -83,6 +83,7 @@ bench: models vllm
 	$(BIN)/python benchmarks/negatives.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/live_rows.py
 
 clean:
 	rm -rf out .prefect .serve .pytest_cache .ruff_cache

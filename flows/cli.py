@@ -12,7 +12,7 @@ import typer
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from flows.options import _parse, params_from, with_model_options
+from flows.options import params_from, parse_option, with_model_options
 from flows.params import BenchmarkParams, SynthesizeParams, TrainParams
 
 app = typer.Typer(help="m3dr: multilingual document-retrieval data factory.", no_args_is_help=True)
@@ -63,7 +63,7 @@ def train(
     **options: Any,
 ) -> None:
     """Run the train-netra flow: LoRA contrastive training of the retrievers on synthesized shards."""
-    fields = _parse(TrainParams, "config", config) if config else {}
+    fields = parse_option(TrainParams, "config", config) if config else {}
     if config and not isinstance(fields, dict):
         raise typer.BadParameter("expected a JSON object of TrainConfig fields", param_hint="--config")
     fields.update(

@@ -82,7 +82,7 @@ def model_options(model: type[BaseModel], *, skip: Iterable[str] = ()) -> list[i
     return params
 
 
-def _parse(model: type[BaseModel], name: str, raw: Any) -> Any:
+def parse_option(model: type[BaseModel], name: str, raw: Any) -> Any:
     field = model.model_fields[name]
     kind = _kind(field.annotation)
     if kind == "list" and isinstance(raw, str):
@@ -98,7 +98,9 @@ def _parse(model: type[BaseModel], name: str, raw: Any) -> Any:
 
 def params_from(model: type[BaseModel], values: dict[str, Any], **extra: Any) -> BaseModel:
     """The parameter model from the options given (None = not given: the model's default applies)."""
-    data = {k: _parse(model, k, v) for k, v in values.items() if v is not None and k in model.model_fields}
+    data = {
+        k: parse_option(model, k, v) for k, v in values.items() if v is not None and k in model.model_fields
+    }
     data.update({k: v for k, v in extra.items() if v is not None})
     try:
         return model.model_validate(data)

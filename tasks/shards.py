@@ -200,11 +200,17 @@ class Manifest:
         return [e for e in self.entries().values() if e.kind == kind and (lang is None or e.lang == lang)]
 
     def live_table(
-        self, entry: ShardEntry, columns: list[str] | None = None, *, schema: pa.Schema | None = None
+        self,
+        entry: ShardEntry,
+        columns: list[str] | None = None,
+        *,
+        schema: pa.Schema | None = None,
+        superseded: Iterable[str] | None = None,
     ) -> pa.Table:
         """One shard's rows minus those of superseded sources (their file changed and a newer version
-        was ingested): what every reader of pages, queries and train rows sees."""
-        gone = sorted(self.superseded())
+        was ingested): what every reader of pages, queries and train rows sees. Callers reading many
+        shards pass ``superseded`` (read once) so the manifest is not re-read per shard."""
+        gone = sorted(self.superseded() if superseded is None else superseded)
         cols = None if columns is None else list(dict.fromkeys([*columns, "source_id"]))
         table = pq.read_table(self.root / entry.path, columns=cols, schema=schema)
         if gone:
@@ -212,9 +218,13 @@ class Manifest:
         return table if columns is None else table.select(columns)
 
     def live_rows(self, kind: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-        """Live rows (see :meth:`live_table`) of every shard of ``kind``, shards in name order."""
-        for entry in sorted(self.shards(kind), key=lambda e: e.name):
-            yield from self.live_table(entry, columns).to_pylist()
+        """Live rows (see :meth:`live_table`) of every shard of ``kind``, shards in name order; the
+        manifest is read once for the whole pass."""
+        data = self._read()
+        gone = list(data.get("superseded", {}))
+        entries = [ShardEntry(**v) for v in data["shards"].values() if v["kind"] == kind]
+        for entry in sorted(entries, key=lambda e: e.name):
+            yield from self.live_table(entry, columns, superseded=gone).to_pylist()
 
 
 def commit_shard(

@@ -28,14 +28,13 @@ def queries_shard_name(en_shard: str) -> str:
 def _group_pages(manifest: Manifest, en_shard: str, langs: list[str]) -> tuple[list[PageRecord], list[str]]:
     """All pages of a group (English + each language's shard), minus superseded sources."""
     names = [en_shard] + [lang_shard_name(en_shard, lang) for lang in langs]
+    entries, gone = manifest.entries(), list(manifest.superseded())  # one manifest read per group
     pages: list[PageRecord] = []
     shas: list[str] = []
-    for name in names:
-        entry = manifest.get(name)
-        if entry is None:
-            continue
+    for entry in (entries[n] for n in names if n in entries):
         shas.append(entry.sha256)
-        pages += [PageRecord.from_row(r) for r in manifest.live_table(entry, schema=PAGES_SCHEMA).to_pylist()]
+        table = manifest.live_table(entry, schema=PAGES_SCHEMA, superseded=gone)
+        pages += [PageRecord.from_row(r) for r in table.to_pylist()]
     return pages, shas
 
 

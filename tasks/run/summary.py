@@ -55,9 +55,11 @@ def summarize_run(
     pages = manifest.shards("pages")
     summary.shards = len(pages)
     per_lang: Counter[str] = Counter()
-    superseded = bool(manifest.superseded())
+    gone = list(manifest.superseded())
     for e in pages:  # pages of superseded sources (a newer version was ingested) no longer count
-        per_lang[e.lang] += manifest.live_table(e, ["source_id"]).num_rows if superseded else e.rows
+        per_lang[e.lang] += (
+            manifest.live_table(e, ["source_id"], superseded=gone).num_rows if gone else e.rows
+        )
     summary.pages_per_lang = dict(sorted(per_lang.items()))
     rejects = read_rejects(root)
     summary.rejects_by_reason = dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))
