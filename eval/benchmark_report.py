@@ -20,7 +20,7 @@ from typing import Any
 from eval.evaluate import MULTI, SetResult, result_rows
 from eval.metrics import MAIN_METRIC
 from tasks.languages import ALL_LANGS
-from tasks.shards import atomic_write
+from tasks.storage import atomic_write
 
 
 def _dense_dims(summary: Mapping[str, Any]) -> list[int]:
@@ -256,14 +256,15 @@ def write_benchmark_outputs(
     Raises when no set could be scored (the report, with the rejects, is still written)."""
     from eval.evaluate import save_results, summarise
     from tasks.schema import Reject, RejectReason, rejects_table
-    from tasks.shards import write_table_atomic
+    from tasks.shards import write_table
+    from tasks.storage import open_store
 
     out = Path(out)
     sets = [SetResult.from_json(dict(r)) for r in results]
     summary = summarise(sets)
     model = json.dumps(dict(encoder), sort_keys=True)
     rejects = [Reject("benchmark", s.name, RejectReason.BENCHMARK_INVALID, s.error) for s in sets if s.error]
-    write_table_atomic(rejects_table(rejects), out / "rejects.parquet")
+    write_table(open_store(out), "rejects.parquet", rejects_table(rejects))
     payload = {
         "encoder": dict(encoder),
         "settings": dict(settings),

@@ -48,7 +48,7 @@ from eval.retrieval import (
     unpack_multivectors,
 )
 from tasks.encoders import Encoder, PageView, build_encoder, l2_normalise
-from tasks.shards import atomic_write
+from tasks.storage import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.shards import atomic_write, write_bytes_atomic
+from tasks.storage import atomic_write, write_bytes_atomic
 
 TensorLike = torch.Tensor | np.ndarray
 

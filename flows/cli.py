@@ -18,8 +18,12 @@ from flows.params import BenchmarkParams, SynthesizeParams, TrainParams
 app = typer.Typer(help="m3dr: multilingual document-retrieval data factory.", no_args_is_help=True)
 models_app = typer.Typer(help="Build and list models of a profile.", no_args_is_help=True)
 fonts_app = typer.Typer(help="Bundled fonts.", no_args_is_help=True)
+manifest_app = typer.Typer(
+    help="The completion records and manifest index of an output root.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 app.add_typer(fonts_app, name="fonts")
+app.add_typer(manifest_app, name="manifest")
 
 
 @app.command()
@@ -220,6 +224,56 @@ def models_list(profile: Annotated[str, typer.Option(help="Profile to show.")] =
             except ModelSourceError as exc:
                 state = f"missing: {exc}"
         typer.echo(f"{stage:10s} {cfg['engine']:14s} {source}\n{'':25s}→ {state}")
+
+
+@manifest_app.command("compact")
+def manifest_compact(out: Annotated[str, typer.Argument(help="Output root (path or URL).")]) -> None:
+    """Rebuild manifest.json from the completion records (safe while runs are writing)."""
+    from tasks.shards import Manifest
+
+    stats = Manifest(out).compact()
+    typer.echo(
+        f"manifest.json: {stats['shards']} shards ({stats['records']} records, "
+        f"{stats['superseded']} superseded sources)"
+    )
+
+
+@app.command("verify")
+def verify_cmd(
+    out: Annotated[str, typer.Argument(help="Output root (path or URL).")],
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="Remove damaged shards and rerun the root's recorded synthesize runs to recompute them."
+        ),
+    ] = False,
+) -> None:
+    """Re-hash every shard against its completion record; report (and with --repair recompute) damage."""
+    from tasks.shards import recorded_runs, verify_root
+
+    report = verify_root(out, repair=repair)
+    typer.echo(f"checked {report.checked} shards, {report.bytes / 1e6:.1f} MB")
+    for name, why in report.damaged.items():
+        typer.echo(f"DAMAGED {name}: {why}")
+    if not report.damaged:
+        typer.echo("all shards match their records")
+        return
+    if not repair:
+        typer.echo("run `m3dr verify --repair` to recompute them")
+        raise typer.Exit(1)
+    runs = recorded_runs(out)
+    if not runs:
+        typer.echo("no recorded run parameters under _runs/: rerun `m3dr synthesize` with the run's options")
+        raise typer.Exit(1)
+    from flows.synthesize import synthesize as flow
+
+    for params in runs:
+        result = flow(SynthesizeParams(**params, out=out))
+        typer.echo(f"recomputed: {result['shards_worked']} shard tasks did work")
+    after = verify_root(out)
+    typer.echo(f"after repair: {len(after.damaged)} damaged of {after.checked}")
+    if after.damaged:
+        raise typer.Exit(1)
 
 
 @app.command("languages")

@@ -25,19 +25,31 @@ DEFAULT_LANGS = "hi,ar,zh,ta,th,ru"
 class SynthesizeParams(BaseModel):
     """Parameters of the `synthesize` flow (rendered as a form in the Prefect UI)."""
 
-    sources: str = Field("assets/samples", description="Directory, glob, or .txt list of PDF/image files.")
+    sources: str = Field(
+        "assets/samples",
+        description="Directory, glob, or .txt list of PDF/image files; or a URL prefix/glob (s3://bucket/docs).",
+    )
     langs: str = Field(
         DEFAULT_LANGS,
         description=f"Comma-separated ISO codes, or 'all' ({', '.join(languages.ALL_LANGS)}).",
     )
     profile: str = Field("tiny", description="Model profile name (assets/profiles/*.toml) or a TOML path.")
-    out: str = Field("out/demo", description="Output root: shards, manifest, rejects, artifacts.")
+    out: str = Field(
+        "out/demo",
+        description="Output root (local path or URL: s3://bucket/prefix, gs://…): shards, records, rejects.",
+    )
     formats: list[Literal["png", "pdf"]] = Field(
         default_factory=lambda: ["png"],
         description="png: page images (always); pdf: also a one-page PDF with a shaped text layer.",
     )
     pages_per_shard: int = Field(512, ge=1, le=8192, description="Pages per shard (= per Prefect task).")
     workers: int = Field(2, ge=1, description="Shard tasks in parallel (threads) when no Dask is used.")
+    max_in_flight: int = Field(
+        0,
+        ge=0,
+        description="Most shard tasks submitted and not finished (0: 4 × workers, at least 16); "
+        "keeps the flow's memory flat in the number of shards.",
+    )
     dask_address: str | None = Field(
         None, description="Address of an existing Dask scheduler (tcp://host:8786): run shard tasks there."
     )
@@ -53,6 +65,22 @@ class SynthesizeParams(BaseModel):
         default_factory=lambda: dict(DEFAULT_FRACTIONS),
         description="Share of source documents in train / dev / benchmark (split by document).",
     )
+
+    def recorded(self) -> dict[str, Any]:
+        """What decides a run's output (no scheduling knobs, no secrets), with local paths made absolute:
+        kept under the output root's ``_runs/`` so ``m3dr verify --repair`` can rerun it."""
+        import os
+
+        def absolute(spec: str) -> str:
+            return spec if "://" in spec else os.path.abspath(spec)
+
+        profile = absolute(self.profile) if self.profile.endswith(".toml") else self.profile
+        return {
+            **self.model_dump(include={"langs", "formats", "pages_per_shard", "queries", "cross_lingual"}),
+            "sources": absolute(self.sources),
+            "profile": profile,
+            "split_fractions": dict(self.split_fractions),
+        }
 
 
 class TrainParams(BaseModel):

@@ -8,6 +8,8 @@ writes shards by path, so no page data crosses Prefect.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -18,10 +20,11 @@ from tqdm import tqdm
 
 from flows.params import SynthesizeParams
 from tasks.ingest.task import ingest_shard_task
-from tasks.negatives.task import train_shard_task
+from tasks.negatives.task import index_split_task, train_shard_task
 from tasks.queries.task import queries_shard_task
 from tasks.run.prepare import prepare_run
 from tasks.run.summary import run_result, write_run_report
+from tasks.shards import Manifest, record_run_params
 from tasks.translate.task import translate_shard_task
 
 
@@ -69,54 +72,61 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
     if run.unknown_langs:
         logger.warning("skipping unknown language codes: %s", ", ".join(run.unknown_langs))
     logger.info(run.describe())
-    root, prof, fps = str(run.root), run.profile, run.fingerprints
-
-    ingest = {
-        en: ingest_shard_task.submit(root, en, group, prof, {"layout": fps["layout"]})
-        for en, group in run.new_en_shards.items()
-    }
-
-    def after_ingest(en: str) -> list[Any]:
-        return [ingest[en]] if en in ingest else []
-
-    translate = {
-        (en, lang): translate_shard_task.submit(
-            root,
-            en,
-            lang,
-            prof,
-            list(params.formats),
-            {"translate": fps["translate"]},
-            wait_for=after_ingest(en),
+    root, prof, fps, langs = run.root, run.profile, run.fingerprints, run.langs
+    record_run_params(root, params.recorded())
+    splits = ("train", "dev")
+    # The shard graph, submitted through a window (see ShardWindow): a job runs once its inputs are done.
+    window = ShardWindow(params.max_in_flight or max(16, 4 * params.workers), logger)
+    for en, group in run.new_en_shards.items():
+        window.add(
+            ("ingest", en),
+            (),
+            lambda en=en, group=group: ingest_shard_task.submit(
+                root, en, group, prof, {"layout": fps["layout"]}
+            ),
         )
-        for en in run.en_shards
-        for lang in run.langs
-    }
-    futures = [*ingest.values(), *translate.values()]
+    for en in run.en_shards:
+        after = [("ingest", en)] if en in run.new_en_shards else []
+        for lang in langs:
+            window.add(
+                ("translate", en, lang),
+                after,
+                lambda en=en, lang=lang: translate_shard_task.submit(
+                    root, en, lang, prof, list(params.formats), {"translate": fps["translate"]}
+                ),
+            )
     if params.queries:
-        # queries per group once its pages exist; negatives once every page of the corpus exists
-        queries = [
-            queries_shard_task.submit(
-                root,
-                en,
-                run.langs,
-                prof,
-                params.cross_lingual,
-                params.split_fractions,
-                wait_for=[translate[en, lang] for lang in run.langs] + after_ingest(en),
+        # queries per group once its pages exist; the mining index of a split once every page and
+        # query exists; train shards query that index
+        for en in run.en_shards:
+            after = [("translate", en, lang) for lang in langs] + (
+                [("ingest", en)] if en in run.new_en_shards else []
             )
-            for en in run.en_shards
-        ]
-        train = [
-            train_shard_task.submit(
-                root, en, prof, params.split_fractions, wait_for=queries + list(translate.values())
+            window.add(
+                ("queries", en),
+                after,
+                lambda en=en: queries_shard_task.submit(
+                    root, en, langs, prof, params.cross_lingual, params.split_fractions
+                ),
             )
-            for en in run.en_shards
-        ]
-        futures += queries + train
-    results = collect(futures, key="synthesize-progress")
+        everything = [k for k in window.jobs if k[0] in ("translate", "queries", "ingest")]
+        for split in splits:
+            window.add(
+                ("index", split),
+                everything,
+                lambda split=split: index_split_task.submit(root, prof, params.split_fractions, split),
+            )
+        for en in run.en_shards:
+            window.add(
+                ("train", en),
+                [("index", s) for s in splits],
+                lambda en=en: train_shard_task.submit(root, en, prof, params.split_fractions),
+            )
+    results = window.run(key="synthesize-progress")
 
-    report = write_run_report(run.root, run.langs, with_queries=params.queries)
+    compacted = Manifest(root).compact()
+    logger.info("manifest.json compacted: %(shards)d shards from %(records)d records", compacted)
+    report = write_run_report(root, langs, with_queries=params.queries)
     create_markdown_artifact(
         report.markdown, key="synthesize-summary", description="pages per language, rejects, gallery"
     )
@@ -124,16 +134,100 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
     logger.info(
         "%d shard tasks, %d did work, %d skipped (complete)", len(results), worked, len(results) - worked
     )
-    return run_result(run.root, run.langs, run.en_shards, results, report)
+    return run_result(root, langs, run.en_shards, results, report, throughput=window.throughput())
 
 
-def collect(futures: list[Any], *, key: str) -> list[dict[str, Any]]:
-    """Results of shard futures as they complete, with a Prefect progress artifact and a CLI bar."""
-    progress_id = create_progress_artifact(0.0, key=key, description="shards done")
-    results: list[dict[str, Any]] = []
-    with tqdm(total=len(futures), desc="shards", unit="shard", disable=None) as bar:
-        for fut in as_completed(futures):
-            results.append(fut.result())
-            bar.update(1)
-            update_progress_artifact(progress_id, 100.0 * len(results) / max(len(futures), 1))
-    return results
+class ShardWindow:
+    """Submit shard jobs as their inputs finish, with at most ``limit`` futures in flight.
+
+    Jobs are added with the keys of the jobs they need; a job is submitted when all of those are done,
+    downstream stages first (a group goes on to queries before more groups are ingested), so neither
+    the flow process nor the task runner holds more than ``limit`` futures whatever the number of
+    shards. Logs each stage's throughput (rows/s: pages for ingest and translate) as it goes, shows a
+    Prefect progress artifact and a CLI bar.
+    """
+
+    ORDER = ("train", "index", "queries", "translate", "ingest")
+
+    def __init__(self, limit: int, logger: Any, log_every_s: float = 15.0) -> None:
+        self.limit = max(1, limit)
+        self.logger = logger
+        self.log_every_s = log_every_s
+        self.jobs: dict[tuple[str, ...], tuple[list[tuple[str, ...]], Callable[[], Any]]] = {}
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def add(self, key: tuple[str, ...], needs: Iterable[tuple[str, ...]], submit: Callable[[], Any]) -> None:
+        self.jobs[key] = ([k for k in needs], submit)
+        self.stages.setdefault(
+            key[0], {"total": 0, "done": 0, "worked": 0, "rows": 0, "task_s": 0.0, "start": 0.0, "end": 0.0}
+        )
+        self.stages[key[0]]["total"] += 1
+
+    def _stage_line(self, stage: str) -> str:
+        st = self.stages[stage]
+        busy = max(st["end"] - st["start"], 1e-9)
+        unit = "pages" if stage in ("ingest", "translate") else "rows"
+        return (
+            f"{stage}: {int(st['done'])}/{int(st['total'])} shards ({int(st['worked'])} worked), "
+            f"{int(st['rows'])} {unit}, {st['rows'] / busy:.2f} {unit}/s"
+        )
+
+    def throughput(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for stage, st in self.stages.items():
+            busy = max(st["end"] - st["start"], 1e-9)
+            out[stage] = {
+                "shards": int(st["total"]),
+                "worked": int(st["worked"]),
+                "rows": int(st["rows"]),
+                "seconds": round(busy, 3),  # the stage's span (overlaps other stages)
+                "task_seconds": round(st["task_s"], 3),  # summed over its tasks (cost, not span)
+                "rows_per_s": round(st["rows"] / busy, 3) if st["worked"] else 0.0,
+            }
+        return out
+
+    def run(self, *, key: str) -> list[dict[str, Any]]:
+        remaining = {k: set(needs) & set(self.jobs) for k, (needs, _) in self.jobs.items()}
+        dependents: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for k, needs in remaining.items():
+            for n in needs:
+                dependents.setdefault(n, []).append(k)
+        rank = {stage: i for i, stage in enumerate(self.ORDER)}
+        ready = sorted((k for k, n in remaining.items() if not n), key=lambda k: (rank.get(k[0], 9), k))
+        inflight: dict[Any, tuple[str, ...]] = {}
+        results: list[dict[str, Any]] = []
+        total = len(self.jobs)
+        progress_id = create_progress_artifact(0.0, key=key, description="shards done")
+        last_log = time.monotonic()
+        with tqdm(total=total, desc="shards", unit="shard", disable=None) as bar:
+            while ready or inflight:
+                while ready and len(inflight) < self.limit:
+                    job = ready.pop(0)
+                    st = self.stages[job[0]]
+                    st["start"] = st["start"] or time.monotonic()
+                    inflight[self.jobs[job][1]()] = job
+                fut = next(as_completed(list(inflight)))
+                job = inflight.pop(fut)
+                result = fut.result()  # a failed shard task fails the run (after its own retries)
+                results.append(result)
+                st = self.stages[job[0]]
+                st["done"] += 1
+                st["end"] = time.monotonic()
+                if not result["skipped"]:
+                    st["worked"] += 1
+                    st["rows"] += result["rows"]
+                    st["task_s"] += float(result.get("seconds") or 0.0)
+                newly = []
+                for d in dependents.pop(job, []):
+                    remaining[d].discard(job)
+                    if not remaining[d]:
+                        newly.append(d)
+                if newly:
+                    ready = sorted([*ready, *newly], key=lambda k: (rank.get(k[0], 9), k))
+                bar.update(1)
+                update_progress_artifact(progress_id, 100.0 * len(results) / max(total, 1))
+                now = time.monotonic()
+                if st["done"] == st["total"] or now - last_log >= self.log_every_s:
+                    self.logger.info(self._stage_line(job[0]))
+                    last_log = now
+        return results

@@ -134,6 +134,32 @@ TRAIN_SCHEMA = pa.schema(
 )
 
 
+# The negatives stage's mining index (tasks/negatives/index.py): one row per indexed page, aligned with
+# the rows of the segment's BM25 matrix / vectors. Bump INDEX_VERSION when the index files change.
+INDEX_VERSION = 1
+INDEX_META_SCHEMA = pa.schema(
+    [
+        ("page_id", pa.string()),
+        ("source_page_id", pa.string()),  # the parallel group: never a negative for its own queries
+        ("source_id", pa.string()),  # for superseded sources
+        ("lang", pa.string()),  # modality key input
+        ("kind", pa.string()),  # modality key input: image | text (PageView.kind of the page as read)
+        ("shard", pa.string()),  # the pages shard the row came from (ownership)
+    ],
+    metadata={"m3dr.schema": "mining-index-meta", "m3dr.index_version": str(INDEX_VERSION)},
+)
+# The translate stage's per-shard translation memory (tasks/translate/memory.py).
+MEMORY_SCHEMA = pa.schema(
+    [
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("src", pa.string(), nullable=False),
+        pa.field("tgt", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("translation", pa.string(), nullable=False),
+    ]
+)
+
+
 class RejectReason:
     """Stable reason codes for the rejects table (grouped on in artifacts)."""
 

@@ -42,6 +42,35 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server on 127.0.0.1 for the session; its AWS variables are exported so
+    every client (s3fs in this process, Dask workers, subprocesses) reaches it the standard way."""
+    from tests.support.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket per test (``s3://<name>``)."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    return s3_server.make_bucket(name)
+
+
 VLLM_API_KEY = "sk-m3dr-test-7f3a9c"
 
 

@@ -13,6 +13,7 @@ text layer has (almost) no letters (a scan) is marked ``text_source="ocr"``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -31,6 +32,7 @@ from tasks.schema import (
     Reject,
     RejectReason,
 )
+from tasks.storage import is_url, split_url, storage_options_for
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,31 @@ MIN_BLOCK_LETTERS = 8
 
 @dataclass(frozen=True)
 class SourceRef:
-    """A source file to ingest: where it is, its content id, and the name it is recorded under."""
+    """A source file to ingest (or a page range of it): where it is (local path or URL), its content id,
+    and the name it is recorded under.
+
+    ``pages`` is ``(start, stop)`` when a shard holds only part of a long source; ids do not change
+    (a page id is the hash of the source's bytes and its page index, whatever range it was read in).
+    """
 
     path: str
     source_id: str
     uri: str
+    pages: tuple[int, int] | None = None
+
+    @property
+    def unit(self) -> str:
+        """What a shard records it covers: the source id, or ``<source id>@<start>-<stop>``."""
+        return self.source_id if self.pages is None else f"{self.source_id}@{self.pages[0]}-{self.pages[1]}"
+
+
+def parse_unit(unit: str) -> tuple[str, tuple[int, int] | None]:
+    """``"<sid>"`` → (sid, None); ``"<sid>@a-b"`` → (sid, (a, b))."""
+    sid, _, span = unit.partition("@")
+    if not span:
+        return sid, None
+    a, _, b = span.partition("-")
+    return sid, (int(a), int(b))
 
 
 class SourceError(Exception):
@@ -76,12 +98,20 @@ class SourceError(Exception):
 
 # ---------------------------------------------------------------------------- ids
 def source_id(path: Path | str) -> str:
-    """Content id of a source file: sha256 of its bytes (32 hex chars)."""
+    """Content id of a source file (local path or URL): sha256 of its bytes (32 hex chars)."""
     h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
+    with _open_source(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:32]
+
+
+def _open_source(path: Path | str) -> Any:
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(str(path), "rb", **storage_options_for(str(path))).open()
+    return Path(path).open("rb")
 
 
 def page_id(source_id: str, page_index: int) -> str:
@@ -130,8 +160,10 @@ def iter_source_pages(
     min_side: int = 1024,
     max_pixels: int = 40_000_000,
     source_uri: str | None = None,
+    page_range: tuple[int, int] | None = None,
 ) -> Iterator[SourcePage | SourceError]:
-    """Yield the pages of a PDF or image file (see the module docstring for the error contract)."""
+    """Yield the pages of a PDF or image file (see the module docstring for the error contract);
+    only pages ``start <= index < stop`` when ``page_range`` is given."""
     path = Path(path)
     uri = source_uri if source_uri is not None else str(path)
     suffix = path.suffix.lower()
@@ -149,13 +181,24 @@ def iter_source_pages(
         raise SourceError(RejectReason.EMPTY_FILE, "file is empty (0 bytes)")
     sid = source_id(path)
     if suffix == ".pdf":
-        yield from _pdf_pages(path, sid, uri, dpi=dpi, max_side=max_side, min_side=min_side)
+        yield from _pdf_pages(
+            path, sid, uri, dpi=dpi, max_side=max_side, min_side=min_side, page_range=page_range
+        )
     else:
-        yield from _image_pages(path, sid, uri, max_side=max_side, max_pixels=max_pixels)
+        yield from _image_pages(
+            path, sid, uri, max_side=max_side, max_pixels=max_pixels, page_range=page_range
+        )
 
 
 def _pdf_pages(
-    path: Path, sid: str, uri: str, *, dpi: float, max_side: int, min_side: int = 1024
+    path: Path,
+    sid: str,
+    uri: str,
+    *,
+    dpi: float,
+    max_side: int,
+    min_side: int = 1024,
+    page_range: tuple[int, int] | None = None,
 ) -> Iterator[SourcePage | SourceError]:
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
@@ -172,7 +215,8 @@ def _pdf_pages(
             n = len(pdf)
         if n == 0:
             raise SourceError(RejectReason.UNREADABLE, "PDF has no pages")
-        for index in range(n):
+        start, stop = page_range if page_range is not None else (0, n)
+        for index in range(max(start, 0), min(stop, n)):
             page = None
             try:
                 with PDFIUM_LOCK:
@@ -264,7 +308,13 @@ def _text_layer_has_letters(textpage: Any, minimum: int = MIN_TEXT_LAYER_LETTERS
 
 
 def _image_pages(
-    path: Path, sid: str, uri: str, *, max_side: int, max_pixels: int
+    path: Path,
+    sid: str,
+    uri: str,
+    *,
+    max_side: int,
+    max_pixels: int,
+    page_range: tuple[int, int] | None = None,
 ) -> Iterator[SourcePage | SourceError]:
     try:
         with warnings.catch_warnings():
@@ -276,7 +326,8 @@ def _image_pages(
         raise SourceError(RejectReason.UNREADABLE, f"not a readable image: {exc}") from exc
     with im:
         n_frames = getattr(im, "n_frames", 1) if path.suffix.lower() in _MULTI_FRAME else 1
-        for index in range(n_frames):
+        start, stop = page_range if page_range is not None else (0, n_frames)
+        for index in range(max(start, 0), min(stop, n_frames)):
             if index:
                 im.seek(index)
             w, h = im.size
@@ -329,13 +380,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def scan_sources(spec: str | Path, *, base: Path | None = None) -> list[SourceRef]:
-    """Expand a directory, a glob or a manifest file (one path per line) into SourceRefs.
+    """Expand a directory, a glob or a manifest file (one path per line) into SourceRefs; ``spec`` may
+    be a URL (``s3://bucket/prefix``, ``s3://bucket/docs/*.pdf``, ``hf://datasets/…``).
 
     Files are sorted, hashed by content (the source id) and de-duplicated by content. Unsupported
     suffixes are kept: the ingest stage turns them into rejects rows with a clear reason.
     """
-    from tasks.ingest.sources import source_id
-
+    if is_url(spec):
+        return _scan_url(str(spec))
     spec_path = Path(spec)
     if spec_path.is_dir():
         files = sorted(p for p in spec_path.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -354,25 +406,74 @@ def scan_sources(spec: str | Path, *, base: Path | None = None) -> list[SourceRe
     base = base or rel_base
     refs: dict[str, SourceRef] = {}
     for f in files:
-        if f.suffix.lower() in {".md", ".txt", ".toml", ".py", ".json"} or f.parent.name == "licenses":
-            continue  # documentation that lives beside samples is not a source
+        if _not_a_source(f.name, f.parent.name):
+            continue
         sid = source_id(f)
         if sid not in refs:
             refs[sid] = SourceRef(str(f), sid, os.path.relpath(f, base))
     return sorted(refs.values(), key=lambda r: r.uri)
 
 
+def _not_a_source(name: str, parent: str) -> bool:
+    """Documentation that lives beside samples (README, licences) is not a source."""
+    return Path(name).suffix.lower() in {".md", ".txt", ".toml", ".py", ".json"} or parent == "licenses"
+
+
+def _scan_url(spec: str) -> list[SourceRef]:
+    """Sources under a URL prefix (recursive) or matching a URL glob; uris relative to the prefix."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(spec, **storage_options_for(spec))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    if any(ch in path for ch in "*?["):
+        files = sorted(fs.glob(path))
+        base = path.split("*", 1)[0].rsplit("/", 1)[0]
+    elif fs.isdir(path):
+        files = sorted(fs.find(path))
+        base = path.rstrip("/")
+    else:
+        files, base = [path], path.rsplit("/", 1)[0]
+    refs: dict[str, SourceRef] = {}
+    for f in files:
+        name, parent = f.rsplit("/", 1)[-1], f.rsplit("/", 2)[-2] if f.count("/") >= 1 else ""
+        if name.startswith(".") or _not_a_source(name, parent):
+            continue
+        url = f"{protocol}://{f}"
+        sid = source_id(url)
+        if sid not in refs:
+            rel = f[len(base) + 1 :] if f.startswith(base + "/") else name
+            refs[sid] = SourceRef(url, sid, rel)
+    return sorted(refs.values(), key=lambda r: r.uri)
+
+
+@contextlib.contextmanager
+def local_source(ref: SourceRef) -> Iterator[Path]:
+    """A local path with the source's bytes (the file itself, or a temp copy of a remote object)."""
+    if not is_url(ref.path):
+        yield Path(ref.path)
+        return
+    store, name = split_url(ref.path)
+    with store.local_file(name) as path:
+        yield path
+
+
 def source_page_count(ref: SourceRef) -> int:
-    """Cheap page count for shard packing (1 for images and unreadable files)."""
-    if not ref.path.lower().endswith(".pdf"):
+    """Cheap page count for shard planning (frames of a multi-frame TIFF; 1 for other images and for
+    unreadable files, which then become one rejects row)."""
+    suffix = Path(ref.path).suffix.lower()
+    if suffix not in {".pdf", *_MULTI_FRAME}:
         return 1
     try:
-        import pypdfium2 as pdfium
+        with local_source(ref) as path:
+            if suffix == ".pdf":
+                import pypdfium2 as pdfium
 
-        with open(ref.path, "rb") as fh:
-            doc = pdfium.PdfDocument(fh.read())
-        n = len(doc)
-        doc.close()
-        return max(n, 1)
+                with PDFIUM_LOCK:
+                    doc = pdfium.PdfDocument(str(path))
+                    n = len(doc)
+                    doc.close()
+                return max(n, 1)
+            with Image.open(path) as im:
+                return max(int(getattr(im, "n_frames", 1)), 1)
     except Exception:
         return 1

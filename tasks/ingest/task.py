@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from tasks.ingest.shard import ingest_shard
 from tasks.ingest.sources import SourceRef
+from tasks.shards import timed
 
 
 @task(name="ingest-shard", task_run_name="ingest {shard_name}", retries=1, retry_delay_seconds=5)
@@ -16,4 +16,4 @@ def ingest_shard_task(
     root: str, shard_name: str, sources: list[SourceRef], profile: dict[str, Any], model_fps: dict[str, str]
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`ingest_shard` (one task per shard, never per page)."""
-    return ingest_shard(Path(root), shard_name, sources, profile, model_fps=model_fps).to_dict()
+    return timed(ingest_shard, root, shard_name, sources, profile, model_fps=model_fps)

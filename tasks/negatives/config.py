@@ -1,8 +1,10 @@
-"""Config model of the negatives stage: ``[negatives]`` (miner, selection, modality mix, encoder)."""
+"""Config model of the negatives stage: ``[negatives]`` (miner, selection, modality mix, encoder, index)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
+
+from pydantic import Field
 
 from tasks.config import StrictModel
 from tasks.negatives.base import DEFAULT_K, DEFAULT_MARGIN, DEFAULT_TOP_N
@@ -13,6 +15,17 @@ class Bm25Options(StrictModel):
 
     k1: float = 1.2
     b: float = 0.75
+
+
+class IndexOptions(StrictModel):
+    """``[negatives.index]``: the per-split mining index (``tasks/negatives/index.py``) and its search."""
+
+    candidates: int = Field(0, ge=0)  # dense: first-pass FAISS hits per query (0: max(4 × top_n, 64))
+    prune_postings: int = Field(0, ge=0)  # bm25: postings scored before the bound test (0: 64 × candidates)
+    max_segments: int = Field(16, ge=1)  # a build that would leave more live segments re-indexes the split
+    ivf_threshold: int = Field(200_000, ge=1)  # dense: a segment with more pages gets a FAISS IVF index
+    ivf_nlist: int = Field(0, ge=0)  # IVF lists (0: 4 × sqrt(pages))
+    nprobe: int = Field(16, ge=1)  # IVF lists searched per query
 
 
 class NegativesConfig(StrictModel):
@@ -26,3 +39,4 @@ class NegativesConfig(StrictModel):
     encoder: dict[str, Any] | None = None  # [negatives.encoder]: an encoder table (miner = "dense")
     modality: dict[str, Any] | None = None  # [negatives.modality]: ModalityMix fields
     bm25: Bm25Options | None = None
+    index: IndexOptions | None = None  # [negatives.index]: the per-split mining index

@@ -4,8 +4,8 @@ Miners (``tasks.negatives.miners.MINERS``, picked by a profile's ``[negatives]``
 
 - ``in-batch`` — no mined negatives (the M3DR paper's best setting for multilingual training: the
   trainer uses the other queries' positives of the batch). ``positive_score`` is nan.
-- ``bm25`` — lexical scores (our own BM25 over scipy sparse matrices). Tokenisation is language
-  agnostic so it works for all 22 languages and for mixed-script text: NFKC + casefold, words =
+- ``bm25`` — lexical scores (bm25s, Lucene variant, over our own tokens; ``bm25.py``). Tokenisation is
+  language agnostic so it works for all 22 languages and for mixed-script text: NFKC + casefold, words =
   runs of letters/marks/digits (marks included, so Indic vowel signs stay inside their word), and
   runs of scripts written without spaces (Han, kana, Thai, Lao, Khmer, Myanmar) become bigrams of
   grapheme clusters. BM25 cannot score across languages: a cross-lingual query's positive scores 0,
@@ -51,14 +51,19 @@ Every scoring miner goes through :func:`select_negatives`, the single place nega
    the top-N of C1, the rest from the top-N of C2; with ``backfill`` a short pool is topped up from
    the other one.
 
-Pure functions (:func:`mine_negatives`, :func:`select_negatives`, :func:`mined_to_train_rows`); the
-shard driver (``shard.py``) applies them per split, ``task.py`` wraps that in a Prefect task.
+Pure functions (:func:`mine_negatives`, :func:`select_negatives`, :func:`mined_to_train_rows`).
+:func:`mine_negatives` scores every page of an in-memory corpus; train shards instead search the split's
+mining index (``index.py``, built once per split; ``search.py``), which feeds the same
+:func:`select_negatives` with candidates that provably hold the same top-N. The shard driver
+(``shard.py``) applies them per split, ``task.py`` wraps the index build and the train shard in Prefect
+tasks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -291,15 +296,18 @@ def group_page_ids(corpus: list[PageView]) -> dict[str, list[str]]:
 
 
 def mined_to_train_rows(
-    query_rows: list[dict[str, Any]], mined: list[Mined], corpus: list[PageView]
+    query_rows: list[dict[str, Any]],
+    mined: list[Mined],
+    corpus: list[PageView] | Mapping[str, list[str]],
 ) -> list[dict[str, Any]]:
     """Train-shard rows (``TRAIN_SCHEMA`` columns, in order) for the queries that were mined.
 
     ``query_rows`` are ``QUERIES_SCHEMA`` rows; queries without a Mined entry (rejected) are skipped.
-    ``parallel_page_ids`` lists every corpus page of the positive's parallel group (positive included).
+    ``parallel_page_ids`` lists every corpus page of the positive's parallel group (positive included);
+    ``corpus`` is the pages, or already ``source_page_id → sorted page_ids`` (from a mining index).
     """
     by_id = {m.query_id: m for m in mined}
-    groups = group_page_ids(corpus)
+    groups = corpus if isinstance(corpus, Mapping) else group_page_ids(corpus)
     rows: list[dict[str, Any]] = []
     for q in query_rows:
         m = by_id.get(q["query_id"])

@@ -1,18 +1,26 @@
-"""Prefect task of the negatives stage (one train shard per group)."""
+"""Prefect tasks of the negatives stage: the mining index of a split, then one train shard per group."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
+from tasks.negatives.index import build_split_index
 from tasks.negatives.shard import train_shard
+
+
+@task(name="mining-index", task_run_name="index {split}", retries=1, retry_delay_seconds=5)
+def index_split_task(
+    root: str, profile: dict[str, Any], split_fractions: dict[str, float] | None, split: str
+) -> dict[str, Any]:
+    """Prefect wrapper of :func:`build_split_index` (run once per split after all pages and queries)."""
+    return build_split_index(root, profile, split_fractions, split).to_dict()
 
 
 @task(name="train-shard", task_run_name="negatives {en_shard}", retries=1, retry_delay_seconds=5)
 def train_shard_task(
     root: str, en_shard: str, profile: dict[str, Any], split_fractions: dict[str, float] | None
 ) -> dict[str, Any]:
-    """Prefect wrapper of :func:`train_shard`."""
-    return train_shard(Path(root), en_shard, profile, split_fractions=split_fractions).to_dict()
+    """Prefect wrapper of :func:`train_shard` (after the index tasks of its splits)."""
+    return train_shard(root, en_shard, profile, split_fractions=split_fractions).to_dict()

@@ -9,6 +9,7 @@ from typing import Any
 from tasks.schema import DEFAULT_QUERY_KINDS, PAGES_SCHEMA, PageRecord, queries_table
 from tasks.shards import Manifest, ShardResult, commit_stage, completed, config_hash, config_key
 from tasks.splits import DEFAULT_FRACTIONS, assign_split
+from tasks.storage import Store
 from tasks.translate.shard import lang_shard_name
 
 
@@ -26,12 +27,14 @@ def queries_shard_name(en_shard: str) -> str:
 
 
 def _group_pages(manifest: Manifest, en_shard: str, langs: list[str]) -> tuple[list[PageRecord], list[str]]:
-    """All pages of a group (English + each language's shard), minus superseded sources."""
+    """All pages of a group (English + each language's shard), minus superseded sources.
+
+    Reads the group's own records (one per language), never the whole root's listing."""
     names = [en_shard] + [lang_shard_name(en_shard, lang) for lang in langs]
-    entries, gone = manifest.entries(), list(manifest.superseded())  # one manifest read per group
+    gone = list(manifest.superseded())
     pages: list[PageRecord] = []
     shas: list[str] = []
-    for entry in (entries[n] for n in names if n in entries):
+    for entry in (e for e in map(manifest.get, dict.fromkeys(names)) if e is not None):
         shas.append(entry.sha256)
         table = manifest.live_table(entry, schema=PAGES_SCHEMA, superseded=gone)
         pages += [PageRecord.from_row(r) for r in table.to_pylist()]
@@ -39,7 +42,7 @@ def _group_pages(manifest: Manifest, en_shard: str, langs: list[str]) -> tuple[l
 
 
 def queries_shard(
-    root: Path,
+    root: Store | str | Path,
     en_shard: str,
     langs: list[str],
     profile: dict[str, Any],
@@ -51,7 +54,6 @@ def queries_shard(
     from tasks.queries.filters import FilterConfig
     from tasks.queries.pairing import synthesize_queries
 
-    root = Path(root)
     manifest = Manifest(root)
     cfg = dict(profile.get("queries", {}))
     all_langs = ["en", *[lang for lang in langs if lang != "en"]]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from tasks.queries.shard import queries_shard
+from tasks.shards import timed
 
 
 @task(name="queries-shard", task_run_name="queries {en_shard}", retries=1, retry_delay_seconds=5)
@@ -20,6 +20,12 @@ def queries_shard_task(
     split_fractions: dict[str, float] | None,
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`queries_shard`."""
-    return queries_shard(
-        Path(root), en_shard, langs, profile, cross_lingual=cross_lingual, split_fractions=split_fractions
-    ).to_dict()
+    return timed(
+        queries_shard,
+        root,
+        en_shard,
+        langs,
+        profile,
+        cross_lingual=cross_lingual,
+        split_fractions=split_fractions,
+    )

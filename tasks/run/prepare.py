@@ -17,6 +17,7 @@ from tasks.models import build_recipe, load_profile, model_fingerprint
 from tasks.run.profile import validate_profile
 from tasks.schema import Reject, RejectReason
 from tasks.shards import Manifest, commit_rejects, config_hash
+from tasks.storage import Store, open_store
 from tasks.translate.shard import translate_config
 
 
@@ -48,7 +49,7 @@ def preload_engines() -> None:
     import tasks.translate.engine  # noqa: F401
 
 
-def reject_unknown_langs(root: Path, unknown: list[str]) -> None:
+def reject_unknown_langs(root: Store | str | Path, unknown: list[str]) -> None:
     """One rejects row per unknown language code of a run (the run goes on with the known ones)."""
     rejects = [
         Reject(
@@ -69,7 +70,7 @@ def reject_unknown_langs(root: Path, unknown: list[str]) -> None:
 class RunPlan:
     """What one synthesize run will do: the validated profile, models, languages and shards to make."""
 
-    root: Path
+    root: str  # the output root: a local path or a URL
     profile: dict[str, Any]
     langs: list[str]
     unknown_langs: list[str]
@@ -100,15 +101,16 @@ def prepare_run(
     """Everything before the first shard task: validate the profile (a mistyped key stops the run
     here), build and fingerprint models, import engines, record unknown languages and changed sources,
     and plan the English shards still to ingest."""
-    root = Path(out).resolve()
+    store = open_store(out)
     profile = validate_profile(load_profile(profile_name))
     langs, unknown = languages.parse_langs(langs_spec)
-    root.mkdir(parents=True, exist_ok=True)
+    if store.local:
+        store.local_path().mkdir(parents=True, exist_ok=True)
     fps = prepare_models(profile, build_models)
     preload_engines()
-    manifest = Manifest(root)
+    manifest = Manifest(store)
     if unknown:
-        reject_unknown_langs(root, unknown)
+        reject_unknown_langs(store, unknown)
     refs = scan_sources(sources_spec)
     changed = {sid: f"changed: {uri}" for sid, uri in changed_sources(refs, manifest).items()}
     if changed:
@@ -117,8 +119,10 @@ def prepare_run(
     existing = done_en_shards(manifest, ingest_base_hash(profile, fps["layout"]), source_ids)
     done = set().union(*existing.values())
     plan = plan_en_shards(refs, pages_per_shard, done)
+    planned = {r.source_id for group in plan.values() for r in group}
+    covered = {u.split("@", 1)[0] for u in done}
     return RunPlan(
-        root=root,
+        root=store.url,
         profile=profile,
         langs=langs,
         unknown_langs=unknown,
@@ -126,6 +130,6 @@ def prepare_run(
         new_en_shards=plan,
         en_shards=sorted(set(plan) | set(existing)),
         sources=len(refs),
-        sources_done=len(done & source_ids),
+        sources_done=len((covered & source_ids) - planned),
         superseded=changed,
     )

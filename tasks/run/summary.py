@@ -13,14 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.shards import (
-    Manifest,
-    read_rejects,
-    write_bytes_atomic,
-)
+from tasks.shards import Manifest, read_rejects
+from tasks.storage import Store, open_store
 
 
 @dataclass
@@ -30,7 +26,8 @@ class RunSummary:
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     rejects_by_stage_lang: dict[str, int] = field(default_factory=dict)
     shards: int = 0
-    gallery: dict[str, str] = field(default_factory=dict)  # lang -> thumbnail path
+    gallery: dict[str, str] = field(default_factory=dict)  # lang -> thumbnail URL
+    thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)  # lang -> PNG bytes
 
     @property
     def total_rejects(self) -> int:
@@ -46,12 +43,12 @@ def _thumbnail_png(png: bytes, width: int) -> bytes:
 
 
 def summarize_run(
-    root: Path, *, gallery_langs: list[str] | None = None, thumb_width: int = 360
+    root: Store | str | Path, *, gallery_langs: list[str] | None = None, thumb_width: int = 360
 ) -> RunSummary:
     """Read the manifest and rejects of an output root and write gallery thumbnails under artifacts/."""
-    root = Path(root)
-    manifest = Manifest(root)
-    summary = RunSummary(root=str(root))
+    store = open_store(root)
+    manifest = Manifest(store)
+    summary = RunSummary(root=store.url)
     pages = manifest.shards("pages")
     summary.shards = len(pages)
     per_lang: Counter[str] = Counter()
@@ -61,7 +58,7 @@ def summarize_run(
             manifest.live_table(e, ["source_id"], superseded=gone).num_rows if gone else e.rows
         )
     summary.pages_per_lang = dict(sorted(per_lang.items()))
-    rejects = read_rejects(root)
+    rejects = read_rejects(store)
     summary.rejects_by_reason = dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))
     summary.rejects_by_stage_lang = dict(
         sorted(
@@ -74,16 +71,16 @@ def summarize_run(
         )
     )
     # Gallery: the same source page in every language, so a reader can compare renderings side by side.
-    by_lang = {e.lang: root / e.path for e in sorted(pages, key=lambda e: e.name) if e.rows}
+    by_lang = {e.lang: e.path for e in sorted(pages, key=lambda e: e.name) if e.rows}
     if "en" in by_lang:
-        en = pq.read_table(by_lang["en"], columns=["page_id"])
+        en = store.read_table(by_lang["en"], columns=["page_id"])
         langs = gallery_langs or sorted(by_lang)
         candidates = en.column("page_id").to_pylist()
         chosen = None
         for pid in candidates:  # first English page that has a rendering in the most languages
             hits = 0
             for lang in langs:
-                t = pq.read_table(by_lang.get(lang, by_lang["en"]), columns=["source_page_id"])
+                t = store.read_table(by_lang.get(lang, by_lang["en"]), columns=["source_page_id"])
                 hits += int(pc.any(pc.equal(t.column("source_page_id"), pid)).as_py() or False)
             if chosen is None or hits > chosen[1]:
                 chosen = (pid, hits)
@@ -93,13 +90,15 @@ def summarize_run(
             for lang in langs:
                 if lang not in by_lang:
                     continue
-                t = pq.read_table(by_lang[lang], columns=["source_page_id", "image"])
+                t = store.read_table(by_lang[lang], columns=["source_page_id", "image"])
                 mask = pc.equal(t.column("source_page_id"), chosen[0])
                 rows = t.filter(mask).to_pylist()
                 if rows:
-                    out = root / "artifacts" / "gallery" / f"{lang}.png"
-                    write_bytes_atomic(_thumbnail_png(rows[0]["image"]["bytes"], thumb_width), out)
-                    summary.gallery[lang] = str(out)
+                    rel = f"artifacts/gallery/{lang}.png"
+                    thumb = _thumbnail_png(rows[0]["image"]["bytes"], thumb_width)
+                    store.put_bytes(rel, thumb)
+                    summary.gallery[lang] = store.url_of(rel)
+                    summary.thumbnails[lang] = thumb
     return summary
 
 
@@ -134,22 +133,23 @@ def summary_markdown(
     if summary.gallery:
         lines += ["", "## Gallery (one source page in each language)", ""]
         for lang, path in summary.gallery.items():
-            if embed_images:
-                b64 = base64.b64encode(Path(path).read_bytes()).decode()
+            if embed_images and lang in summary.thumbnails:
+                b64 = base64.b64encode(summary.thumbnails[lang]).decode()
                 lines.append(f"**{lang}**  \n![{lang}](data:image/png;base64,{b64})\n")
             else:
-                lines.append(f"**{lang}**  \n![{lang}](gallery/{Path(path).name})\n")
+                lines.append(f"**{lang}**  \n![{lang}](gallery/{path.rsplit('/', 1)[-1]})\n")
     return "\n".join(lines) + "\n"
 
 
-def queries_summary(root: Path) -> dict[str, Any]:
+def queries_summary(root: Store | str | Path) -> dict[str, Any]:
     """Counts for the artifact: queries per language and kind, cross-lingual share, negatives per query."""
     manifest = Manifest(root)
+    store = manifest.store
     per_lang_kind: Counter[str] = Counter()
     cross = 0
     total = 0
     for e in manifest.shards("queries"):
-        t = pq.read_table(root / e.path, columns=["query_lang", "kind", "cross_lingual"]).to_pylist()
+        t = store.read_table(e.path, columns=["query_lang", "kind", "cross_lingual"]).to_pylist()
         for r in t:
             if not r["cross_lingual"]:
                 per_lang_kind[f"{r['query_lang']}/{r['kind']}"] += 1
@@ -158,7 +158,7 @@ def queries_summary(root: Path) -> dict[str, Any]:
     negs = [
         len(r)
         for e in manifest.shards("train")
-        for r in pq.read_table(root / e.path, columns=["negative_page_ids"]).column(0).to_pylist()
+        for r in store.read_table(e.path, columns=["negative_page_ids"]).column(0).to_pylist()
     ]
     return {
         "queries": total,
@@ -176,36 +176,44 @@ class RunReport:
     summary: RunSummary
     queries: dict[str, Any] | None
     markdown: str
-    artifact_path: Path
+    artifact_path: str
 
 
-def write_run_report(root: Path, langs: list[str], *, with_queries: bool) -> RunReport:
+def write_run_report(root: Store | str | Path, langs: list[str], *, with_queries: bool) -> RunReport:
     """Summarise an output root and write ``artifacts/summary.md`` (thumbnails as files; the returned
     markdown embeds them, for the Prefect artifact)."""
-    root = Path(root)
-    summary = summarize_run(root, gallery_langs=["en", *langs])
-    qsum = queries_summary(root) if with_queries else None
-    path = root / "artifacts" / "summary.md"
-    write_bytes_atomic(summary_markdown(summary, queries=qsum, embed_images=False).encode(), path)
-    return RunReport(summary, qsum, summary_markdown(summary, queries=qsum), path)
+    store = open_store(root)
+    summary = summarize_run(store, gallery_langs=["en", *langs])
+    qsum = queries_summary(store) if with_queries else None
+    rel = "artifacts/summary.md"
+    store.put_bytes(rel, summary_markdown(summary, queries=qsum, embed_images=False).encode())
+    return RunReport(summary, qsum, summary_markdown(summary, queries=qsum), store.url_of(rel))
 
 
 def run_result(
-    root: Path, langs: list[str], en_shards: list[str], results: list[dict[str, Any]], report: RunReport
+    root: Store | str | Path,
+    langs: list[str],
+    en_shards: list[str],
+    results: list[dict[str, Any]],
+    report: RunReport,
+    *,
+    throughput: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The synthesize flow's return value: counts and paths (never page data)."""
     from tasks.translate.shard import lang_shard_name
 
+    store = open_store(root)
     worked = [r for r in results if not r["skipped"]]
     return {
-        "out": str(root),
+        "out": store.url,
         "pages_per_lang": report.summary.pages_per_lang,
         "rejects_by_reason": report.summary.rejects_by_reason,
         "shards": sorted(results, key=lambda r: r["name"]),
         "shards_worked": len(worked),
         "queries": report.queries,
-        "manifest": str(Manifest(root).path),
-        "rejects_dir": str(root / "rejects"),
+        "manifest": store.url_of("manifest.json"),
+        "rejects_dir": store.url_of("rejects"),
         "artifact": str(report.artifact_path),
         "lang_shards": {lang: [lang_shard_name(en, lang) for en in en_shards] for lang in langs},
+        "throughput": throughput or {},
     }

@@ -26,8 +26,8 @@ from tasks.shards import (
     config_hash,
     config_key,
     hash_id,
-    read_table,
 )
+from tasks.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,14 @@ def has_letters(text: str) -> bool:
     return any(unicodedata.category(ch).startswith("L") for ch in text)
 
 
+def memory_rel(lang: str, en_shard: str, translate_cfg: dict[str, Any], fps: dict[str, str]) -> str:
+    """Where a shard's translation memory lives: keyed by what decides its translations."""
+    key = config_hash({"translate": translate_cfg, "models": fps})
+    return f"memory/{lang}/{en_shard}-{key}.parquet"
+
+
 def translate_shard(
-    root: Path,
+    root: Store | str | Path,
     en_shard: str,
     lang: str,
     profile: dict[str, Any],
@@ -70,12 +76,12 @@ def translate_shard(
     from tasks.render.config import RenderConfig, assert_raqm
     from tasks.render.pdf import page_pdf
     from tasks.render.png import render_page
-    from tasks.translate.memory import TranslationCache
+    from tasks.translate.memory import TranslationMemory
     from tasks.translate.texts import TranslateStats, translate_texts
 
-    root = Path(root)
     languages.get(lang)
     manifest = Manifest(root)
+    store = manifest.store
     en_entry = manifest.get(en_shard)
     if en_entry is None:
         raise FileNotFoundError(f"English shard {en_shard} is not in the manifest of {root}")
@@ -91,8 +97,10 @@ def translate_shard(
     render_cfg = RenderConfig(**cfg["render"])
     render_hash = config_hash({"render": render_cfg.to_dict(), "translate": cfg["translate"], "models": fps})
     translator = _translator(config_key(cfg["translate"]))
-    cache = TranslationCache(root / "cache" / "translations.sqlite")
-    en_pages = [PageRecord.from_row(r) for r in read_table(root / en_entry.path, PAGES_SCHEMA).to_pylist()]
+    cache = TranslationMemory(store, memory_rel(lang, en_shard, cfg["translate"], fps))
+    en_pages = [
+        PageRecord.from_row(r) for r in store.read_table(en_entry.path, schema=PAGES_SCHEMA).to_pylist()
+    ]
 
     slots = [
         (i, j)
@@ -105,12 +113,11 @@ def translate_shard(
     rejects: list[Reject] = []
     try:
         translated = translate_texts(translator, texts, "en", lang, cache=cache, stats=stats)
+        cache.save()  # before the shard's record: a rerun of this shard reuses its translations
     except Exception as exc:
         log.exception("translation failed for %s → %s", en_shard, lang)
         rejects.append(Reject("translate", en_shard, RejectReason.TRANSLATION_FAILED, str(exc), lang))
         translated = None
-    finally:
-        cache.close()
 
     records: list[PageRecord] = []
     if translated is not None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
+from tasks.shards import timed
 from tasks.translate.shard import translate_shard
 
 
@@ -20,4 +20,4 @@ def translate_shard_task(
     model_fps: dict[str, str],
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`translate_shard`."""
-    return translate_shard(Path(root), en_shard, lang, profile, formats, model_fps=model_fps).to_dict()
+    return timed(translate_shard, root, en_shard, lang, profile, formats, model_fps=model_fps)

@@ -2,7 +2,7 @@
 
 ``translate_texts`` is the pure function the pipeline calls for all region texts of a shard: it
 normalises and dedupes the texts, splits them into sentence chunks (NLLB degrades past ~200 tokens and
-drops trailing sentences of long inputs), looks chunks up in a persistent ``TranslationCache``, sends
+drops trailing sentences of long inputs), looks chunks up in the shard's ``TranslationMemory``, sends
 the rest to a ``Translator`` in one length-bucketed batch, and reassembles every text in order.
 
 Engines (``tasks/translate/engine.py``) are looked up by the profile's ``[translate].engine``;
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from tasks import languages
 from tasks.translate.chunking import DEFAULT_MAX_CHUNK_TOKENS, canonical_text, chunk_block, split_blocks
 from tasks.translate.engine import Translator
-from tasks.translate.memory import TranslationCache
+from tasks.translate.memory import TranslationMemory
 
 
 @dataclass
@@ -50,14 +50,15 @@ def translate_texts(
     texts: Sequence[str],
     src_iso: str,
     tgt_iso: str,
-    cache: TranslationCache | None = None,
+    cache: TranslationMemory | None = None,
     stats: TranslateStats | None = None,
     max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
 ) -> list[str]:
     """Translate all texts of a shard from ``src_iso`` to ``tgt_iso``; output aligned with input.
 
     Identical texts (after whitespace normalisation) and identical sentence chunks are translated once;
-    the cache makes that hold across runs too. Empty/whitespace-only texts are returned unchanged.
+    the shard's translation memory makes that hold across reruns of the shard too. Empty or
+    whitespace-only texts are returned unchanged.
     Chunks of one block are joined with a space, or with nothing for scripts written without spaces
     (zh, ja, th: ``line_break != "word"``); block separators (paragraph / list breaks) are kept.
     """

@@ -115,6 +115,9 @@ def test_concurrent_manifest_updates_lose_nothing(tmp_path: Path):
         t.start()
     for t in threads:
         t.join()
+    assert len(Manifest(tmp_path).entries()) == 16, "every writer's record is seen before compaction"
+    assert not (tmp_path / "manifest.json").exists(), "no writer touched a global file"
+    Manifest(tmp_path).compact()
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert len(data["shards"]) == 16
     rejects = read_rejects(tmp_path)

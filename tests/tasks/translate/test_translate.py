@@ -13,7 +13,7 @@ from tasks.languages import LANGUAGES, UnknownLanguageError
 from tasks.recipes.nllb_tiny import NllbTinyConfig
 from tasks.translate.chunking import canonical_text, chunk_block, split_blocks, split_sentences
 from tasks.translate.engine import CT2NllbTranslator, build_translator, ensure_ct2_model
-from tasks.translate.memory import TranslationCache
+from tasks.translate.memory import TranslationMemory
 from tasks.translate.texts import TranslateStats, translate_texts
 
 # A fixed step count (not a time budget) keeps the test model identical on a busy shared CPU.
@@ -182,42 +182,47 @@ def test_blocks_keep_their_separators(translator) -> None:
 # ------------------------------------------------------------------------------------ dedupe/cache
 
 
-def test_identical_strings_translated_once_and_cached(translator, tmp_path: Path) -> None:
+def test_identical_strings_translated_once_and_remembered(translator, tmp_path: Path) -> None:
     texts = ["Hello world.", "  Hello   world. ", "Hello world.", "", "   ", "Good morning, India."]
-    cache = TranslationCache(tmp_path / "cache.sqlite")
+    memory = TranslationMemory(tmp_path, "memory/hi/shard.parquet")
     rec = Recording(translator)
     stats = TranslateStats()
-    out = translate_texts(rec, texts, "en", "hi", cache=cache, stats=stats)
+    out = translate_texts(rec, texts, "en", "hi", cache=memory, stats=stats)
     assert (stats.segments_in, stats.empty, stats.unique) == (6, 2, 2)
     assert stats.model_calls == 1 and stats.chunks_translated == 2 and stats.cache_hits == 0
     assert sorted(rec.calls[0][0]) == ["Good morning, India.", "Hello world."]
     assert out[0] == out[1] == out[2] != "" and out[3] == "" and out[4] == "   " and out[5]
-    assert stats.src_tokens > 0 and stats.tgt_tokens > 0 and len(cache) == 2
+    assert stats.src_tokens > 0 and stats.tgt_tokens > 0 and len(memory) == 2
+    memory.save()
+    first_bytes = (tmp_path / "memory/hi/shard.parquet").read_bytes()
 
-    # a second run (new cache object, same file) hits the cache for everything
+    # a rerun of the shard (a new memory object loaded from the same object) translates nothing
     again = TranslateStats()
     rec2 = Recording(translator)
-    out2 = translate_texts(rec2, texts, "en", "hi", cache=TranslationCache(cache.path), stats=again)
+    reloaded = TranslationMemory(tmp_path, "memory/hi/shard.parquet")
+    out2 = translate_texts(rec2, texts, "en", "hi", cache=reloaded, stats=again)
     assert out2 == out and rec2.calls == [] and again.model_calls == 0 and again.cache_hits == 2
+    reloaded.save()  # nothing new: not rewritten
+    assert (tmp_path / "memory/hi/shard.parquet").read_bytes() == first_bytes
     # another target language is a different key
-    translate_texts(rec2, texts[:1], "en", "ar", cache=cache)
-    assert len(rec2.calls) == 1 and len(cache) == 3
+    translate_texts(rec2, texts[:1], "en", "ar", cache=reloaded)
+    assert len(rec2.calls) == 1 and len(reloaded) == 3
 
 
-def test_cache_is_safe_from_threads(tmp_path: Path) -> None:
-    cache = TranslationCache(tmp_path / "c.sqlite")
+def test_memory_is_safe_from_threads(tmp_path: Path) -> None:
+    memory = TranslationMemory()
 
     def work(k: int) -> None:
         for i in range(20):
-            cache.put_many("m", "en", "hi", [(f"t{k}-{i}", f"x{k}-{i}")])
-            assert cache.get_many("m", "en", "hi", [f"t{k}-{i}"]) == {f"t{k}-{i}": f"x{k}-{i}"}
+            memory.put_many("m", "en", "hi", [(f"t{k}-{i}", f"x{k}-{i}")])
+            assert memory.get_many("m", "en", "hi", [f"t{k}-{i}"]) == {f"t{k}-{i}": f"x{k}-{i}"}
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(cache) == 80
+    assert len(memory) == 80
 
 
 def test_empty_input_and_unknown_language(translator) -> None:
