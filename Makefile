@@ -84,6 +84,9 @@ bench: models vllm
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/live_rows.py
+	$(BIN)/python benchmarks/manifest_scale.py
+	$(BIN)/python benchmarks/mining_index.py
+	$(BIN)/python benchmarks/scale_corpus.py
 
 clean:
 	rm -rf out .prefect .serve .pytest_cache .ruff_cache
