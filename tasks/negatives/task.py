@@ -8,6 +8,7 @@ from prefect import task
 
 from tasks.negatives.index import build_split_index
 from tasks.negatives.shard import train_shard
+from tasks.shards import timed
 
 
 @task(name="mining-index", task_run_name="index {split}", retries=1, retry_delay_seconds=5)
@@ -15,7 +16,7 @@ def index_split_task(
     root: str, profile: dict[str, Any], split_fractions: dict[str, float] | None, split: str
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`build_split_index` (run once per split after all pages and queries)."""
-    return build_split_index(root, profile, split_fractions, split).to_dict()
+    return timed(build_split_index, root, profile, split_fractions, split)
 
 
 @task(name="train-shard", task_run_name="negatives {en_shard}", retries=1, retry_delay_seconds=5)
@@ -23,4 +24,4 @@ def train_shard_task(
     root: str, en_shard: str, profile: dict[str, Any], split_fractions: dict[str, float] | None
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`train_shard` (after the index tasks of its splits)."""
-    return train_shard(root, en_shard, profile, split_fractions=split_fractions).to_dict()
+    return timed(train_shard, root, en_shard, profile, split_fractions=split_fractions)
