@@ -10,7 +10,7 @@ import numpy as np
 
 from tasks.encoders import PageView
 from tasks.languages import LANGUAGES
-from tasks.schema import RejectReason
+from tasks.schema import Reject, RejectReason
 
 POSITIVE_NOT_IN_CORPUS = RejectReason.POSITIVE_NOT_IN_CORPUS
 
@@ -143,3 +143,10 @@ class ScoringMiner(Protocol):
     def score(self, index: Any, queries: list[QueryView]) -> np.ndarray:
         """[n_queries, n_pages] float32 scores, higher = more relevant."""
         ...
+
+
+def missing_positive(q: QueryView) -> Reject:
+    """The rejects row of a query whose positive page is not in the mining corpus / index."""
+    return Reject(
+        "negatives", q.query_id, POSITIVE_NOT_IN_CORPUS, f"positive {q.page_id} not in corpus", q.query_lang
+    )

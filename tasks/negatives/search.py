@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.negatives.base import POSITIVE_NOT_IN_CORPUS, Mined, MiningParams, QueryView
+from tasks.negatives.base import Mined, MiningParams, QueryView, missing_positive
 from tasks.negatives.bm25 import bound_of, tokenize
 from tasks.negatives.index import LoadedSegment, Modalities, SplitIndex, first_pass, index_options
 from tasks.negatives.miners import dense_scores
@@ -264,15 +264,7 @@ def mine_with_index(
         if row is not None:
             kept.append((q, row))
         elif rejects is not None:
-            rejects.append(
-                Reject(
-                    "negatives",
-                    q.query_id,
-                    POSITIVE_NOT_IN_CORPUS,
-                    f"positive {q.page_id} not in corpus",
-                    q.query_lang,
-                )
-            )
+            rejects.append(missing_positive(q))
     if not kept:
         return []
     dense = index.miner == "dense"

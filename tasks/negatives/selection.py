@@ -73,13 +73,13 @@ from tasks.negatives.base import (
     DEFAULT_K,
     DEFAULT_MARGIN,
     DEFAULT_TOP_N,
-    POSITIVE_NOT_IN_CORPUS,
     Mined,
     MiningParams,
     ModalityMix,
     NegativeMiner,
     QueryView,
     ScoringMiner,
+    missing_positive,
 )
 from tasks.schema import Reject, TrainRecord
 
@@ -211,15 +211,7 @@ def mine_negatives(
         if q.page_id in pos_of:
             kept.append(q)
         elif rejects is not None:
-            rejects.append(
-                Reject(
-                    "negatives",
-                    q.query_id,
-                    POSITIVE_NOT_IN_CORPUS,
-                    f"positive {q.page_id} not in corpus",
-                    q.query_lang,
-                )
-            )
+            rejects.append(missing_positive(q))
 
     def select(
         q: QueryView,
