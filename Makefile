@@ -33,6 +33,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build from the index.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	# colpali-engine (tests + `m3dr export --format colpali` users): 0.3.18 declares torch<2.14 and peft<0.21,
+	# so it goes in without its pins (--no-deps) and cannot replace our torch; what it really imports
+	# (transformers, peft, pillow, scipy, requests) is already here. See README "colpali-engine".
+	$(BIN)/pip install -q --no-deps 'colpali-engine==0.3.18'
 	@$(BIN)/python -c "from PIL import features; import sys; \
 	  sys.exit(0 if features.check('raqm') else 'Pillow has no raqm layout: apt-get install libfribidi0')"
 	touch $@

@@ -198,7 +198,9 @@ class BenchmarkRunner:
         )
         if self.multivector and not has_multivector(encoder):
             raise ValueError(f"{encoder.model_id} has no multi-vector head (multivector=True was asked for)")
-        if not self.settings.dense and not self.multivector:
+        # an encoder may be multi-vector only (colpali-engine's Col* models say ``dense = False``)
+        self.dense = self.settings.dense and bool(getattr(encoder, "dense", True))
+        if not self.dense and not self.multivector:
             raise ValueError("nothing to evaluate: dense is off and the encoder has no multi-vector head")
         self._dense_memo: dict[str, np.ndarray] = {}
         self._multi_memo: dict[str, torch.Tensor] = {}
@@ -235,7 +237,7 @@ class BenchmarkRunner:
         """``(dense [n, D] | None, multi [l_i, d] list | None, ms per encoded page, from disk cache)``."""
         keys = self._page_keys(bench)
         dataset_fp = hashlib.sha256("".join(keys).encode()).hexdigest()[:20]
-        want_dense, want_multi = self.settings.dense, self.multivector
+        want_dense, want_multi = self.dense, self.multivector
         dense = multi = None
         if self.cache is not None:
             if want_dense and (hit := self.cache.get(self.model_fp, dataset_fp, "dense")) is not None:

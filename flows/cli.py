@@ -83,10 +83,15 @@ def train(
         typer.echo(f"benchmark report   : {result['benchmark']['report']}")
 
 
+COLPALI_PREFIX = "colpali:"
+
+
 def _encoder_table(model: str | None, base: str | None, encoder: str | None) -> dict:
     given = [x for x in (model, base, encoder) if x]
     if len(given) != 1:
         raise typer.BadParameter("give exactly one of --model, --base, --encoder")
+    if model and model.startswith(COLPALI_PREFIX):
+        return {"engine": "colpali", "model": model[len(COLPALI_PREFIX) :]}
     if model:
         return {"engine": "vlm-retriever", "path": model}
     if base:
@@ -98,7 +103,13 @@ def _encoder_table(model: str | None, base: str | None, encoder: str | None) -> 
 @app.command("benchmark")
 @with_model_options(BenchmarkParams, skip=("encoder", "benchmarks"))
 def benchmark_cmd(
-    model: Annotated[str | None, typer.Option(help="Trained retriever dir (train-netra's final/).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Trained retriever dir (train-netra's final/), or colpali:[<Class>:]<dir|hub id> for any "
+            "colpali-engine retriever (NetraEmbed, ColPali, ColQwen2.5, an m3dr colpali export)."
+        ),
+    ] = None,
     base: Annotated[
         str | None, typer.Option(help="Untrained backbone source, e.g. recipe:gemma3-tiny.")
     ] = None,
@@ -131,6 +142,34 @@ def benchmark_cmd(
             )
     typer.echo(f"report             : {result['report']}")
     typer.echo(f"results            : {result['results']}")
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="train-netra output dir (or its final/, or a checkpoint).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (replaced if it exists).")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="colpali: NetraEmbed format for colpali-engine's BiGemma3/ColGemma3; merged: m3dr's own "
+            "standalone directory (LoRA merged, heads beside it).",
+        ),
+    ] = "colpali",
+) -> None:
+    """Export a trained retriever with its LoRA merged, for colpali-engine or as a standalone dir."""
+    if format == "colpali":
+        from training.colpali import export_colpali as export
+    elif format == "merged":
+        from training.export import export_merged as export
+    else:
+        raise typer.BadParameter(f"unknown format {format!r} (colpali | merged)")
+    try:
+        path = export(run, out)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"exported ({format}): {path}")
 
 
 @app.command("benchmark-compare")

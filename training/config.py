@@ -25,13 +25,28 @@ class LoraSettings(BaseModel):
 
 
 class PromptSettings(BaseModel):
-    """Prompt templates. ``{query}`` is the query text; in ``document``, ``{image}`` becomes the image
-    placeholder and ``{text}`` the page text (empty unless ``doc_text = region_text``)."""
+    """How queries and pages become model inputs.
+
+    ``style = "chat"`` (default) is NetraEmbed / ColNetraEmbed's convention, what colpali-engine's
+    ``BiGemmaProcessor3`` / ``ColGemmaProcessor3`` do: both sides go through the tokenizer's chat
+    template as one user turn — documents ``[image, "Describe this image"]``, queries ``"Query: …"`` —
+    and the dense query ends with ``query_augmentation_dense`` ``<eos>`` tokens (``process_queries``
+    appends 10; the multi-vector processor appends none). A checkpoint trained this way exports to
+    colpali-engine unchanged (``m3dr export --format colpali``) and can continue from the published
+    weights. ``style = "plain"`` is m3dr's shorter template with no chat turn and one ``<eos>`` pooled
+    token: fewer tokens per input, for backbones without a chat template.
+
+    In ``document``, ``{image}`` marks where the image goes and ``{text}`` the page text (empty unless
+    ``doc_text = region_text``, an m3dr extension colpali's processors cannot feed); ``{query}`` in
+    ``query`` is the query text. Unset fields take the style's defaults.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    style: Literal["chat", "plain"] = "chat"
     query: str = "Query: {query}"
-    document: str = "{image}Document: {text}"
+    # chat: "{image}Describe this image\n{text}"; plain: "{image}Document: {text}"
+    document: str | None = None
     # ``none``: the document is its image only (production NetraEmbed/ColNetraEmbed behaviour).
     # ``region_text``: the page's region text (OCR / PDF layer / translation) is appended to the
     # prompt. Useful for the tiny profile, whose random vision tower at 64 px cannot read a page, and
@@ -39,7 +54,24 @@ class PromptSettings(BaseModel):
     doc_text: Literal["none", "region_text"] = "none"
     max_query_tokens: int = 64
     max_doc_text_tokens: int = 256
-    append_eos: bool = True  # the pooled last token is always ``<eos>`` (not whatever word came last)
+    append_eos: bool | None = None  # plain: True (the pooled last token is ``<eos>``); chat: False
+    query_augmentation_dense: int | None = Field(None, ge=0)  # chat: 10 <eos> (BiGemmaProcessor3); plain: 0
+    query_augmentation_multi: int | None = Field(None, ge=0)  # 0 (ColGemmaProcessor3 appends none)
+
+    @model_validator(mode="after")
+    def _style_defaults(self) -> PromptSettings:
+        chat = self.style == "chat"
+        if self.document is None:
+            self.document = "{image}Describe this image\n{text}" if chat else "{image}Document: {text}"
+        if self.append_eos is None:
+            self.append_eos = not chat
+        if self.query_augmentation_dense is None:
+            self.query_augmentation_dense = 10 if chat else 0
+        if self.query_augmentation_multi is None:
+            self.query_augmentation_multi = 0
+        if "{image}" not in self.document:
+            raise ValueError("prompts.document must contain {image}")
+        return self
 
 
 class TrainConfig(BaseModel):

@@ -1,8 +1,7 @@
 """Training data: train shards (queries → positive + mined negatives) over pages shards (images).
 
 - :class:`PageStore` memory-maps the pages shards and indexes ``page_id → row``; page images stay PNG
-  bytes in the mapped file until a batch needs them (decoded lazily, shrunk with Pillow's fast
-  reducer before the processor's exact resize).
+  bytes in the mapped file until a batch needs them (decoded lazily; the processor does the one resize).
 - :func:`batch_plan` orders one epoch: deterministic from ``(seed, epoch)`` only, so any micro-step can
   be rebuilt after a restart; length-bucketed (sorted inside windows of ``bucket_batches`` global
   batches, then the batches are shuffled) to cut padding.
@@ -32,6 +31,7 @@ from tasks.shards import hash_id
 from training.config import PromptSettings
 
 IMAGE_PLACEHOLDER = "{image}"
+MULTI_PREFIX = "multi_"  # query inputs of the multi-vector head when they differ from the dense head's
 
 
 @dataclass(frozen=True)
@@ -93,17 +93,12 @@ class PageStore:
 
 
 def decode_image(png: bytes | None, target: int) -> Image.Image:
-    """PNG bytes → RGB image at most ``4 × target`` px per side (fast box reduce first; the processor
-    does the exact resize). Text-only pages (no image) get a blank white page."""
+    """PNG bytes → RGB image at full size: the processor does the one resize, so the pixels a model sees
+    are the ones colpali-engine's processors give it (an exported model embeds pages exactly as here).
+    Text-only pages (no image) get a blank white page of ``target`` px."""
     if not png:
         return Image.new("RGB", (target, target), "white")
-    img = Image.open(io.BytesIO(png))
-    img.draft("RGB", (4 * target, 4 * target))
-    factor = max(1, min(img.size) // (4 * target))
-    img = img.convert("RGB")
-    if factor > 1:
-        img = img.reduce(factor)
-    return img
+    return Image.open(io.BytesIO(png)).convert("RGB")
 
 
 def load_examples(
@@ -205,12 +200,22 @@ class Batch:
 
 
 class PromptFormatter:
-    """Prompt templates + the processor: texts/pages → model inputs (left padded)."""
+    """Prompt templates + the processor: texts/pages → model inputs (left padded).
+
+    ``style = "chat"`` renders each input as one user turn of the tokenizer's chat template and calls
+    the processor the way colpali-engine's Gemma-3 processors do, so the token ids equal theirs.
+    """
 
     def __init__(self, processor: Any, prompts: PromptSettings) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.prompts = prompts
+        self.chat = prompts.style == "chat"
+        if self.chat and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "prompts.style = 'chat' needs a tokenizer with a chat template (this backbone has none); "
+                "set prompts.style = 'plain'"
+            )
         ip = processor.image_processor
         size = getattr(ip, "size", None) or {}
         self.image_side = int(size.get("height") or size.get("shortest_edge") or 224)
@@ -222,26 +227,62 @@ class PromptFormatter:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
 
-    def query_texts(self, queries: Sequence[str]) -> list[str]:
+    def _turn(self, content: list[dict[str, Any]]) -> str:
+        message = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=False)
+
+    def query_texts(self, queries: Sequence[str], augmentation: int | None = None) -> list[str]:
+        """Prompt strings; ``augmentation`` ``<eos>`` tokens follow the query text (default: the dense
+        head's count)."""
+        n = self.prompts.query_augmentation_dense if augmentation is None else augmentation
+        suffix = (self.tokenizer.eos_token or "") * int(n or 0)
         mx = self.prompts.max_query_tokens
-        return [self.prompts.query.format(query=self._truncate(q, mx)) + self._eos() for q in queries]
+        texts = [self.prompts.query.format(query=self._truncate(q, mx) + suffix) for q in queries]
+        if self.chat:
+            texts = [self._turn([{"type": "text", "text": t}]) for t in texts]
+        return [t + self._eos() for t in texts]
 
     def doc_texts(self, pages: Sequence[PageView]) -> list[str]:
         image_token = self.processor.boi_token if hasattr(self.processor, "boi_token") else "<image>"
+        template = self.prompts.document or IMAGE_PLACEHOLDER
         out = []
         for p in pages:
             text = ""
             if self.prompts.doc_text == "region_text" and p.text:
                 text = self._truncate(p.text, self.prompts.max_doc_text_tokens)
-            prompt = self.prompts.document.replace(IMAGE_PLACEHOLDER, image_token).replace("{text}", text)
+            filled = template.replace("{text}", text)
+            if self.chat:
+                before, after = filled.split(IMAGE_PLACEHOLDER, 1)
+                content = [{"type": "text", "text": before}] if before.strip() else []
+                content.append({"type": "image"})
+                if after.strip():
+                    content.append({"type": "text", "text": after})
+                prompt = self._turn(content)
+            else:
+                prompt = filled.replace(IMAGE_PLACEHOLDER, image_token)
             out.append(prompt + self._eos())
         return out
 
-    def queries(self, queries: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            self.query_texts(queries), padding="longest", add_special_tokens=True, return_tensors="pt"
-        )
+    def queries(self, queries: Sequence[str], augmentation: int | None = None) -> dict[str, torch.Tensor]:
+        """Query inputs (``input_ids``, ``attention_mask``) with ``augmentation`` tokens (default: dense)."""
+        texts = self.query_texts(queries, augmentation)
+        if self.chat:  # the processor's text path, as colpali-engine's process_queries calls it
+            enc = self.processor(text=texts, padding="longest", return_tensors="pt")
+        else:
+            enc = self.tokenizer(texts, padding="longest", add_special_tokens=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def query_batch(self, queries: Sequence[str], *, dense: bool, multi: bool) -> dict[str, torch.Tensor]:
+        """Inputs for the heads asked for: where the two heads augment queries differently, the
+        multi-vector head's inputs ride along under ``multi_*`` keys (see ``RetrieverModel.embed``)."""
+        p = self.prompts
+        if not dense:
+            return self.queries(queries, p.query_augmentation_multi)
+        out = self.queries(queries, p.query_augmentation_dense)
+        if multi and p.query_augmentation_multi != p.query_augmentation_dense:
+            extra = self.queries(queries, p.query_augmentation_multi)
+            out.update({MULTI_PREFIX + k: v for k, v in extra.items()})
+        return out
 
     def documents(self, pages: Sequence[PageView]) -> dict[str, torch.Tensor]:
         images = [[decode_image(p.image_png, self.image_side)] for p in pages]
@@ -264,8 +305,11 @@ class Collator:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        dense: bool = True,
+        multi: bool = False,
     ) -> None:
         self.formatter = formatter
+        self.heads = {"dense": dense, "multi": multi}
         self.store = store
         self.examples = examples
         self.num_negatives = num_negatives
@@ -310,7 +354,7 @@ class Collator:
         )
         pages = [self.store.get(p) for p in docs]
         return Batch(
-            queries=self.formatter.queries([e.query for e in exs]),
+            queries=self.formatter.query_batch([e.query for e in exs], **self.heads),
             docs=self.formatter.documents(pages),
             pos=pos,
             valid=valid,

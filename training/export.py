@@ -1,9 +1,13 @@
 """Export a trained retriever as one standalone model directory (LoRA merged into the backbone).
 
-The output loads with ``AutoModelForImageTextToText.from_pretrained`` (``Gemma3ForConditionalGeneration``
-for Gemma-3) and ``AutoProcessor.from_pretrained`` with no peft and no base model around; the
-multi-vector head (if any) sits beside it in ``heads.safetensors`` and ``retriever.json`` says how to
-pool (``training.inference.VlmRetrieverEncoder.load`` reads all of it).
+``--format merged`` (:func:`export_merged`): the output loads with
+``AutoModelForImageTextToText.from_pretrained`` (``Gemma3ForConditionalGeneration`` for Gemma-3) and
+``AutoProcessor.from_pretrained`` with no peft and no base model around; the multi-vector head (if any)
+sits beside it in ``heads.safetensors`` and ``retriever.json`` says how to pool
+(``training.inference.VlmRetrieverEncoder.load`` reads all of it).
+
+``--format colpali``: see :func:`training.colpali.export_colpali` (NetraEmbed-format, for
+colpali-engine's ``BiGemma3`` / ``ColGemma3``).
 """
 
 from __future__ import annotations
@@ -11,19 +15,48 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from training.model import ADAPTER_DIR, HEADS_FILE, RETRIEVER_FILE, load_backbone, load_processor
+from torch import nn
+
+from training.model import (
+    ADAPTER_DIR,
+    FINAL_DIR,
+    HEADS_FILE,
+    RETRIEVER_FILE,
+    load_backbone,
+    load_processor,
+)
 
 
-def export_merged(src: str | Path, out: str | Path) -> Path:
-    """Merge the LoRA adapter of ``src`` (``final/`` or a checkpoint dir) into its base model and write a
-    standalone directory ``out`` (written to a temp dir, then renamed)."""
+def trained_dir(src: str | Path) -> Path:
+    """A train-netra output dir → its ``final/``; a ``final/`` or checkpoint dir as given."""
+    src = Path(src)
+    if not (src / RETRIEVER_FILE).exists() and (src / FINAL_DIR / RETRIEVER_FILE).exists():
+        return src / FINAL_DIR
+    if not (src / RETRIEVER_FILE).exists():
+        raise FileNotFoundError(f"{src} is not a train-netra output (no {RETRIEVER_FILE} in it or in final/)")
+    return src
+
+
+class Merged(NamedTuple):
+    model: nn.Module  # the backbone with the LoRA merged in (float32)
+    processor: Any
+    meta: dict[str, Any]  # retriever.json
+    src: Path  # the resolved final/ or checkpoint dir
+    base_dir: Path  # the base model it was trained from
+
+
+def merged_backbone(src: str | Path) -> Merged:
+    """The backbone of a trained run with its LoRA merged in, and what was read to build it."""
     from peft import PeftModel
 
-    src, out = Path(src), Path(out)
+    src = trained_dir(src)
     meta = json.loads((src / RETRIEVER_FILE).read_text())
     base_dir = Path(meta["base_model"])
-    if not base_dir.exists():
+    if meta.get("merged"):
+        base_dir = src
+    elif not base_dir.exists():
         from tasks.models import resolve_source
 
         base_dir = resolve_source(meta["base_model_source"])
@@ -31,6 +64,21 @@ def export_merged(src: str | Path, out: str | Path) -> Path:
     if (src / ADAPTER_DIR).exists():
         model = PeftModel.from_pretrained(model, str(src / ADAPTER_DIR)).merge_and_unload()
     processor = load_processor(src if (src / "processor_config.json").exists() else base_dir)
+    return Merged(model, processor, meta, src, base_dir)
+
+
+def replace_dir(tmp: Path, out: Path) -> Path:
+    """Move a finished export into place (the old export, if any, is removed only now)."""
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def export_merged(src: str | Path, out: str | Path) -> Path:
+    """Merge the LoRA adapter of ``src`` (a run dir, ``final/`` or a checkpoint dir) into its base model
+    and write a standalone directory ``out`` (written to a temp dir, then renamed)."""
+    out = Path(out)
+    model, processor, meta, src, _ = merged_backbone(src)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -40,6 +88,4 @@ def export_merged(src: str | Path, out: str | Path) -> Path:
         shutil.copy2(src / HEADS_FILE, tmp / HEADS_FILE)
     meta.update({"merged": True, "base_model": ".", "merged_from": str(src)})
     (tmp / RETRIEVER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return replace_dir(tmp, out)

@@ -170,9 +170,12 @@ class VlmRetrieverEncoder:
         out = [self._embed(b)["dense"][:, : self.dim].float().cpu().numpy() for b in batches]
         return l2_normalise(np.concatenate(out, axis=0))
 
-    def _query_batches(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+    def _query_batches(
+        self, texts: Sequence[str], *, dense: bool = True, multi: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Query inputs per batch, augmented for the heads asked for (``PromptFormatter.query_batch``)."""
         return [
-            self.formatter.queries(list(texts[i : i + self.batch_size]))
+            self.formatter.query_batch(list(texts[i : i + self.batch_size]), dense=dense, multi=multi)
             for i in range(0, len(texts), self.batch_size)
         ]
 
@@ -215,7 +218,7 @@ class VlmRetrieverEncoder:
 
     def encode_queries_both(self, texts: list[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """``(dense [n, dim], multi [n, Lq, D], mask [n, Lq])`` from one pass over the queries."""
-        return self._both(self._query_batches(texts))
+        return self._both(self._query_batches(texts, multi=True))
 
     def encode_pages_both(self, pages: list[PageView]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """``(dense [n, dim], multi [n, Ld, D], mask [n, Ld])`` from one pass over the pages."""
@@ -223,7 +226,7 @@ class VlmRetrieverEncoder:
 
     def encode_queries_multi(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[n, Lq, D]`` unit token vectors, ``[n, Lq]`` bool mask), left padded."""
-        return self._multi(self._query_batches(texts))
+        return self._multi(self._query_batches(texts, dense=False, multi=True))
 
     def encode_pages_multi(self, pages: list[PageView]) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[n, Ld, D]`` unit token vectors, ``[n, Ld]`` bool mask), left padded."""

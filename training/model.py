@@ -7,8 +7,11 @@
   token, L2-normalised per token, with the attention mask as the token mask; scored by MaxSim.
 
 Both read the same backbone pass (``retriever = "both"`` trains one LoRA for the two heads).
-Position ids are derived from the attention mask, so a row's embedding does not depend on how much
-left padding its batch needed.
+Positions are counted the way transformers and NetraEmbed count them (from the first column, left
+padding included): Gemma-3's rotary embeddings see only position *differences*, so a row's embedding
+does not depend on how much left padding its batch needed either way (the colpali round trip test
+compares the two at cosine ≥ 0.9999 on mixed-length batches), and a checkpoint continues from the
+published weights with the same inputs they were trained on.
 """
 
 from __future__ import annotations
@@ -22,20 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import TrainConfig
+from training.data import MULTI_PREFIX
 
 HEADS_FILE = "heads.safetensors"
 RETRIEVER_FILE = "retriever.json"
 ADAPTER_DIR = "adapter"
+FINAL_DIR = "final"  # train-netra's last adapter + heads, under the run directory
 
 
 def last_token_pool(hidden: torch.Tensor) -> torch.Tensor:
     """hidden ``[B, L, H]`` of left-padded rows → ``[B, H]`` (the last position of each row)."""
     return hidden[:, -1, :]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` mask (left padded) → ``[B, L]`` positions 0.. over the real tokens (padding gets 0)."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def inner_backbone(model: nn.Module) -> nn.Module:
@@ -67,7 +67,6 @@ class RetrieverModel(nn.Module):
         kwargs: dict[str, Any] = {
             "input_ids": inputs["input_ids"],
             "attention_mask": mask,
-            "position_ids": position_ids_from_mask(mask),
             "use_cache": False,
         }
         if inputs.get("pixel_values") is not None:
@@ -77,16 +76,21 @@ class RetrieverModel(nn.Module):
         return inner_backbone(self.backbone)(**kwargs).last_hidden_state
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        hidden = self.hidden(inputs)
+        """Head outputs for one batch. Query batches may carry the multi-vector head's own inputs under
+        ``multi_*`` keys (different query augmentation, ``PromptFormatter.query_batch``): then that
+        head reads a second backbone pass over them."""
+        own = {k[len(MULTI_PREFIX) :]: v for k, v in inputs.items() if k.startswith(MULTI_PREFIX)}
+        base = {k: v for k, v in inputs.items() if not k.startswith(MULTI_PREFIX)}
+        hidden = self.hidden(base)
         out: dict[str, torch.Tensor] = {}
         if self.dense:
             out["dense"] = F.normalize(last_token_pool(hidden).float(), dim=-1)
         if self.multivector:
             assert self.multi_head is not None
-            out["multi"] = F.normalize(
-                self.multi_head(hidden.to(self.multi_head.weight.dtype)).float(), dim=-1
-            )
-            out["mask"] = inputs["attention_mask"].bool()
+            multi_inputs = own or base
+            h = self.hidden(own) if own else hidden
+            out["multi"] = F.normalize(self.multi_head(h.to(self.multi_head.weight.dtype)).float(), dim=-1)
+            out["mask"] = multi_inputs["attention_mask"].bool()
         return out
 
     def forward(

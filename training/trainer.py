@@ -45,6 +45,7 @@ from training.data import (
 from training.losses import InfoNCELoss, MatryoshkaLoss, colbert_loss
 from training.model import (
     ADAPTER_DIR,
+    FINAL_DIR,
     HEADS_FILE,
     RetrieverModel,
     build_retriever,
@@ -57,7 +58,6 @@ from training.model import (
 log = logging.getLogger("m3dr.training")
 
 CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
 STATE_FILE = "trainer_state.json"
 COMPLETE_MARK = ".complete"
 
@@ -453,6 +453,8 @@ def train(
         seed=config.seed,
         rank=info.rank,
         world_size=info.world_size,
+        dense=config.dense,
+        multi=config.multivector,
     )
     batches = _iter_batches(
         _MicroBatches(plan_for, collator, start * config.grad_accum, total * config.grad_accum),

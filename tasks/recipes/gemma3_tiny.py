@@ -25,7 +25,34 @@ from tasks.recipes.cldr import corpus_locales, locale_names
 BOI_TOKEN = "<start_of_image>"
 EOI_TOKEN = "<end_of_image>"
 IMAGE_TOKEN = "<image_soft_token>"
+START_TURN, END_TURN = "<start_of_turn>", "<end_of_turn>"
 _BASE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+
+# Gemma's chat format (written here from its documented layout, not copied): ``<bos>`` once, then per
+# message ``<start_of_turn>{user|model}\n{content}<end_of_turn>\n``; an image item is ``<start_of_image>``
+# (the processor expands it to the image tokens); a system message is folded into the first user turn.
+# colpali-engine's BiGemmaProcessor3 / ColGemmaProcessor3 and vLLM's chat endpoint both need it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if message['content'] is string -%}{%- set ns.system = message['content'] | trim ~ '\\n\\n' -%}"
+    "{%- else -%}{%- set ns.system = message['content'][0]['text'] | trim ~ '\\n\\n' -%}{%- endif -%}"
+    "{%- else -%}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}{{ '\\n' }}"
+    "{%- if loop.index0 <= 1 and message['role'] == 'user' %}{{ ns.system }}"
+    "{% set ns.system = '' %}{% endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}<start_of_image>"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "<end_of_turn>{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<start_of_turn>model{{ '\\n' }}{%- endif -%}"
+)
 
 
 @dataclass(frozen=True)
@@ -59,12 +86,12 @@ def build_gemma_tokenizer(cfg: Gemma3TinyConfig, out_dir: Path):
     """Train a Gemma-style BPE (``▁`` for spaces, byte fallback) and wrap it as ``GemmaTokenizer``.
 
     The vocabulary starts with Gemma's layout (pad 0, eos 1, bos 2, unk 3, mask 4), then the three image
-    tokens, then the 256 ``<0xNN>`` byte-fallback pieces, then the learned merges.
+    tokens and the two turn markers, then the 256 ``<0xNN>`` byte-fallback pieces, then the learned merges.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
-    specials = [*_BASE_SPECIALS, BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN]
+    specials = [*_BASE_SPECIALS, BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, START_TURN, END_TURN]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
@@ -83,10 +110,17 @@ def build_gemma_tokenizer(cfg: Gemma3TinyConfig, out_dir: Path):
     tokenizer = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
-        extra_special_tokens={"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN, "image_token": IMAGE_TOKEN},
+        extra_special_tokens={
+            "boi_token": BOI_TOKEN,
+            "eoi_token": EOI_TOKEN,
+            "image_token": IMAGE_TOKEN,
+            "sot_token": START_TURN,
+            "eot_token": END_TURN,
+        },
         model_max_length=cfg.max_positions,
         padding_side="left",
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 
@@ -153,7 +187,10 @@ def build_gemma3_tiny(out_dir: Path, cfg: Gemma3TinyConfig | None = None) -> Pat
         image_std=[0.5, 0.5, 0.5],
     )
     processor = Gemma3Processor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=cfg.mm_tokens_per_image
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=cfg.mm_tokens_per_image,
+        chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(str(out_dir))
     meta = {

@@ -145,3 +145,73 @@ def test_cli_benchmarks_a_text_baseline(trained, tmp_path):
     line = next(x for x in done.stdout.splitlines() if x.startswith("heldout-benchmark"))
     assert "dense@384" in line and "NDCG@5 cross 0." in line and "(3 sets)" in line
     assert (tmp_path / "b" / "report.md").is_file()
+
+
+def test_a_colpali_engine_model_is_scored_beside_m3dr_with_the_same_numbers(trained, tmp_path):
+    """`m3dr export --format colpali`, then benchmark-nayana with `colpali:` encoders (colpali-engine's
+    BiGemma3 and ColGemma3 classes and processors) on the same data: the same sets, metrics and report
+    as the chained m3dr benchmark, and the same figures, since weights and inputs are the same."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("colpali_engine", reason="make installs colpali-engine (--no-deps)")
+    from flows.benchmark import benchmark_nayana
+    from flows.params import BenchmarkParams
+    from tests.conftest import REPO
+
+    m3dr = str(Path(sys.executable).parent / "m3dr")
+    export = tmp_path / "netra"
+    done = subprocess.run(
+        [m3dr, "export", "--format", "colpali", str(trained["tmp"] / "train"), str(export)],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ours = json.loads((trained["out"] / "results.json").read_text())["summary"]["heldout-benchmark"]
+    for cls, view, theirs_name in (
+        ("BiGemma3", "dense@64", "dense@64"),
+        ("ColGemma3", "multivector", "multivector"),
+    ):
+        out = tmp_path / cls
+        result = benchmark_nayana(
+            BenchmarkParams(
+                encoder={"engine": "colpali", "model": f"{cls}:{export}"},
+                data=str(trained["tmp"] / "data"),
+                out=str(out),
+            )
+        )
+        summary = result["summary"]["heldout-benchmark"]
+        assert list(summary) == [theirs_name]  # Bi*: one dense view at full width; Col*: MaxSim only
+        theirs = summary[theirs_name]
+        a, b = theirs["cross"]["ndcg@5"], ours[view]["cross"]["ndcg@5"]
+        print(f"\n{cls}: ndcg@5 cross {a:.4f}, m3dr's {b:.4f}")
+        assert (
+            set(theirs["cross"]) == set(ours[view]["cross"])
+            and theirs["mono_sets"] == ours[view]["mono_sets"]
+        )
+        # the same scores for every (query, page) of every set: metrics can differ only where two pages
+        # tie to within float noise (identical renders), so the run files are what is compared
+        worst = 0.0
+        for mine in sorted((trained["out"] / "runs").rglob(f"{view}.trec")):
+            rel = mine.relative_to(trained["out"])
+            theirs_run, ours_run = _read_trec(out / rel), _read_trec(mine)
+            assert theirs_run.keys() == ours_run.keys() and theirs_run
+            for q, docs in ours_run.items():
+                assert docs.keys() == theirs_run[q].keys()
+                worst = max(worst, max(abs(v - theirs_run[q][d]) for d, v in docs.items()))
+        print(f"{cls}: largest score difference over all sets {worst:.2e}")
+        assert worst < 1e-4
+        assert json.loads((out / "results.json").read_text())["encoder"]["engine"] == "colpali"
+        assert "colpali" in (out / "report.md").read_text()
+
+
+def _read_trec(path: Path) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    for line in path.read_text().splitlines():
+        q, _, doc, _, score, _ = line.split()
+        run.setdefault(q, {})[doc] = float(score)
+    return run
