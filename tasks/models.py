@@ -41,6 +41,7 @@ RECIPES: dict[str, str] = {
     "doclayout-yolo-tiny": "tasks.recipes.doclayout_yolo_tiny:build",
     "llm-tiny": "tasks.recipes.llm_tiny:build_llm_tiny",
     "gemma3-tiny": "tasks.recipes.gemma3_tiny:build_gemma3_tiny",
+    "vlm-tiny": "tasks.recipes.vlm_tiny:build_vlm_tiny",
 }
 
 

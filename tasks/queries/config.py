@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field
+
 from tasks.config import StrictModel
 from tasks.llm.client import EndpointConfig
+from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE
 from tasks.queries.base import DEFAULT_KINDS
 
 
@@ -36,6 +39,8 @@ class VllmQueriesConfig(QueriesStage, EndpointConfig):
     max_query_chars: int = 200
     max_page_chars: int = 6000
     vision: bool = False  # send the page image (base64 PNG) to a vision model
+    # longest side of the image sent (px): larger pages are downscaled by the client, aspect ratio kept
+    max_image_side: int = Field(default=DEFAULT_MAX_IMAGE_SIDE, ge=1)
     strip_page_instructions: bool = True
     bad_reply_retries: int = 1
     seed: int | None = None

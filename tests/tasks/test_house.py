@@ -46,7 +46,7 @@ def test_tables_are_explicit_and_importing_changes_nothing() -> None:
         for info in pkgutil.walk_packages(pkg.__path__, f"{package}."):
             importlib.import_module(info.name)
     assert recipes == RECIPES and encoders == ENCODERS
-    assert set(RECIPES) == {"nllb-tiny", "doclayout-yolo-tiny", "llm-tiny", "gemma3-tiny"}
+    assert set(RECIPES) == {"nllb-tiny", "doclayout-yolo-tiny", "llm-tiny", "gemma3-tiny", "vlm-tiny"}
     assert all(callable(recipe_builder(name)) for name in RECIPES)
 
 

