@@ -197,7 +197,7 @@ def resolve_class(source: str, explicit: str | None = None) -> str:
             raise ValueError(f"colpali-engine has no model class {explicit!r}")
         return explicit
     for arch in _read_config(source).get("architectures") or []:
-        if hasattr(models, arch) and arch[:3] in ("Bi", "Col"):
+        if hasattr(models, arch) and arch.startswith(("Bi", "Col")):
             return arch
     low = source.lower()
     for hint, cls in _NAME_HINTS:
@@ -252,6 +252,15 @@ class ColpaliEncoder:
         self.dense = not self.multivector
         self.model_id = f"colpali:{self.model_class}:{Path(source).name or source}"
         self.fingerprint = self._fingerprint()
+        self.matryoshka_dims = self._matryoshka_dims() if self.dense else []
+
+    def _matryoshka_dims(self) -> list[int]:
+        """Dims the benchmark sweeps (slice + re-normalise, as ``BiGemma3.forward(embedding_dim=…)``):
+        an m3dr export's trained dims, NetraEmbed's 768/1536/2560 for other ``BiGemma3`` checkpoints."""
+        meta = Path(self.source).expanduser() / M3DR_META_FILE
+        if meta.is_file():
+            return list(json.loads(meta.read_text()).get("matryoshka_dims") or [])
+        return [768, 1536, 2560] if self.model_class == "BiGemma3" else []
 
     def _fingerprint(self) -> str:
         from tasks.models import fingerprint

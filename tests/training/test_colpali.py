@@ -160,6 +160,9 @@ def test_specs_classes_and_precision(tmp_path: Path) -> None:
     assert parse_spec("/data/exports/netra") == (None, "/data/exports/netra")
     (tmp_path / "config.json").write_text('{"architectures": ["ColGemma3"], "dtype": "bfloat16"}')
     assert resolve_class(str(tmp_path)) == "ColGemma3"
+    (tmp_path / "both").mkdir()  # a `both` export lists both classes: the first (dense) is the default
+    (tmp_path / "both" / "config.json").write_text('{"architectures": ["BiGemma3", "ColGemma3"]}')
+    assert resolve_class(str(tmp_path / "both")) == "BiGemma3"
     assert checkpoint_dtype(tmp_path) == torch.bfloat16
     assert resolve_class("vidore/colqwen2.5-v0.2") == "ColQwen2_5"  # no hub here: the name decides
     with pytest.raises(ValueError, match="no model class"):
