@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 # short on a loaded 2-core machine
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help venv vllm models demo demo-eval test lint format bench serve stop clean
+.PHONY: help venv vllm tesseract models demo demo-eval test lint format bench serve stop clean
 
 help:
 	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT)"
@@ -54,7 +54,11 @@ $(M3DR_MODELS)/.tiny-built: $(VENV)/.installed $(wildcard tasks/recipes/*.py) as
 
 models: $(M3DR_MODELS)/.tiny-built
 
-demo: models
+# render QA reads every rendered page back with tesseract: Debian's tesseract-ocr + the 22 language packs
+tesseract:
+	bash scripts/setup_tesseract.sh
+
+demo: models tesseract
 	time $(BIN)/m3dr synthesize --sources assets/samples --langs $(DEMO_LANGS) --profile tiny --out $(OUT)
 
 # the rest of the chain on the demo's output: train-netra (short CPU run) chained with benchmark-nayana
@@ -68,7 +72,7 @@ lint: venv
 	$(BIN)/lint-imports --no-cache
 
 # M3DR_REQUIRE_VLLM=1: a missing vLLM venv fails the run instead of skipping the server tests.
-test: models vllm lint
+test: models vllm tesseract lint
 	M3DR_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 serve: models
@@ -81,7 +85,7 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: models vllm
+bench: models vllm tesseract
 	$(BIN)/python benchmarks/translate.py
 	$(BIN)/python benchmarks/queries.py
 	$(BIN)/python benchmarks/negatives.py

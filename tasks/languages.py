@@ -29,13 +29,19 @@ class Language:
     line_break: LineBreak
     fonts: tuple[str, ...]
     cldr_locale: str
+    tesseract: str = ""  # tesseract traineddata name (Debian package tesseract-ocr-<name, _ as ->)
 
 
 _LATIN = ("noto-sans",)
 
 
+# ISO 639-1 → tesseract language (ISO 639-2/T, Chinese by script), used by the render QA round trip.
+_TESSERACT = {"zh": "chi_sim", "ja": "jpn", "ko": "kor", "ar": "ara", "or": "ori", "pa": "pan"}
+
+
 def _lang(iso, name, flores, script, fonts, *, direction="ltr", line_break="word", cldr=None) -> Language:
-    return Language(iso, name, flores, script, direction, line_break, tuple(fonts), cldr or iso)
+    tess = _TESSERACT.get(iso, flores[:3])
+    return Language(iso, name, flores, script, direction, line_break, tuple(fonts), cldr or iso, tess)
 
 
 LANGUAGES: dict[str, Language] = {

@@ -174,6 +174,7 @@ class RejectReason:
     TEXT_DOES_NOT_FIT = "text_does_not_fit"
     TRANSLATION_FAILED = "translation_failed"
     PDF_FAILED = "pdf_failed"
+    RENDER_UNREADABLE = "render_unreadable"  # OCR cannot read the rendered text back (tasks.render.qa)
     QUERY_WRONG_LANGUAGE = "query_wrong_language"
     QUERY_LENGTH = "query_length"
     QUERY_DUPLICATE = "query_duplicate"

@@ -8,6 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import regex
 
 from tasks import languages
 from tasks.queries.base import STAGE, GeneratedQuery
@@ -42,6 +43,9 @@ class FilterConfig:
     # scripts whose languages langid tells apart reliably: Latin (en es fr de it). Not Devanagari: it
     # scored a plain Hindi sentence as Marathi at 0.99, and it has no Sanskrit.
     langid_scripts: tuple[str, ...] = ("Latn",)
+    # Devanagari (hi / mr / sa) is told apart by closed-class marker words instead (devanagari_markers):
+    # a query is dropped when it holds at least this many markers of one other language and none of its own.
+    deva_min_markers: int = 2
 
     def __post_init__(self) -> None:
         if self.language_id not in ("script", "langid"):
@@ -112,6 +116,39 @@ def same_script_language(text: str, iso: str) -> tuple[str, float]:
     return cands[i], float(probs[i])
 
 
+# Closed-class words (copulas, postpositions, conjunctions, pronouns) that occur in one of the three
+# Devanagari languages and not (or hardly) in the other two; words shared by two (ने, की, ही, होते, न)
+# are left out. Sanskrit also marks itself by words ending in a virama or a visarga (विशालम्, सः).
+_DEVA_MARKER_WORDS = {
+    "hi": "है हैं था थे थी का के में और से को नहीं यह वह ये वे भी लिए पर होता होती गया गई क्या कितना "
+    "कितने कितनी कौन कहाँ कब किस",
+    "mr": "आहे आहेत आणि नाही मध्ये साठी केले करणे आपण असे असते म्हणून पण किती कोण कुठे केव्हा कोणत्या झाले",
+    "sa": "अस्ति सन्ति इति एव अपि च तु हि वा सः तत् एतत् इदम् अहम् त्वम् वयम् भवति भवन्ति कथम् किम् "
+    "यतः तथा यथा तस्य अस्य तेषाम् अत्र तत्र कुत्र कदा कति",
+}
+_DEVA_MARKERS: dict[str, frozenset[str]] = {
+    iso: frozenset(w.split()) for iso, w in _DEVA_MARKER_WORDS.items()
+}
+_DEVA_MR_GENITIVE = regex.compile(r"(?:च्या|[^्]च[ाीे])$")  # कंपनीच्या, भारताची (not Hindi बच्चे, कच्चा)
+
+
+def devanagari_markers(text: str) -> dict[str, int]:
+    """Marker counts per Devanagari language (hi, mr, sa) in ``text``: a transparent, offline language id.
+
+    langid.py has no Sanskrit and confuses Hindi with Marathi on short text; closed-class words do not.
+    Marathi also counts genitive forms and words with ळ, Sanskrit words ending in a virama or visarga.
+    """
+    counts = dict.fromkeys(_DEVA_MARKERS, 0)
+    for word in regex.findall(r"[\p{Devanagari}]+", text):
+        for iso, words in _DEVA_MARKERS.items():
+            counts[iso] += word in words
+        if len(word) > 3 and (_DEVA_MR_GENITIVE.search(word) or "ळ" in word):  # ळ: Marathi's retroflex ḷa
+            counts["mr"] += 1
+        if len(word) > 2 and word[-1] in "्ः" and word not in _DEVA_MARKERS["sa"]:
+            counts["sa"] += 1
+    return counts
+
+
 def check_query(
     q: GeneratedQuery, page_text: str, cfg: FilterConfig, facts: _PageFacts | None = None
 ) -> tuple[str, str] | None:
@@ -140,6 +177,15 @@ def check_query(
         best, p = same_script_language(text, lang.iso)
         if best != lang.iso and p >= cfg.langid_min_confidence:
             return RejectReason.QUERY_WRONG_LANGUAGE, f"langid: {best} ({p:.2f}) rather than {lang.iso}"
+    # 3c. Devanagari: hi / mr / sa by marker words (langid has no Sanskrit, see devanagari_markers)
+    if cfg.language_id == "langid" and lang.script == "Deva" and units >= cfg.langid_min_units:
+        counts = devanagari_markers(text)
+        other = max((c, iso) for iso, c in counts.items() if iso != lang.iso)
+        if counts.get(lang.iso, 0) == 0 and other[0] >= cfg.deva_min_markers:
+            return (
+                RejectReason.QUERY_WRONG_LANGUAGE,
+                f"{other[0]} {other[1]} marker words, none of {lang.iso}",
+            )
     # 4. verbatim copy (generative kinds only)
     if q.kind not in cfg.copy_exempt_kinds:
         q_toks = tokens(text, lang.iso)

@@ -13,7 +13,7 @@ Pure functions, no Prefect. The pipeline per box:
    size that fits the box is found by binary search;
 4. drawing: every run is shaped by Pillow's RAQM engine (HarfBuzz + FriBiDi) into a mask; ink that
    sticks out of the box (negative side bearings) is nudged in, ink larger than the box makes the
-   size smaller; text that does not fit at ``min_font_px`` fails with
+   size smaller; text that does not fit at the script's smallest size (``RenderConfig.min_px``) fails with
    ``RejectReason.TEXT_DOES_NOT_FIT`` and leaves the image untouched.
 
 ``tasks.render.pdf.page_pdf`` sets the same layout (HarfBuzz-measured) as a real text layer with reportlab
@@ -175,7 +175,8 @@ def _plan_box(
         return BoxRender(
             False,
             RejectReason.TEXT_DOES_NOT_FIT,
-            f"{len(text)} characters do not fit a {iw}x{ih} px box at >= {cfg.min_font_px} px",
+            f"{len(text)} characters do not fit a {iw}x{ih} px box at >= "
+            f"{cfg.min_px(languages.get(lang).script)} px",
         )
     size, lines, asc, pitch = fit
     language = languages.get(lang)
@@ -193,7 +194,8 @@ def _plan_box(
             dy = max(0, margin - bb[1]) - max(0, bb[3] - (margin + ih))
             break
         size -= 1
-        got = _layout(text, language, chain, size, iw, ih, cfg, m) if size >= cfg.min_font_px else None
+        fits = size >= cfg.min_px(language.script)
+        got = _layout(text, language, chain, size, iw, ih, cfg, m) if fits else None
         if got is None:
             return BoxRender(
                 False, RejectReason.TEXT_DOES_NOT_FIT, f"glyph ink is larger than the {iw}x{ih} px box"

@@ -287,10 +287,10 @@ def _layout(
 def fit_text(
     text: str, lang: str, width: float, height: float, cfg: RenderConfig, m: Measurer, *, bold: bool = False
 ) -> tuple[int, list[RenderedLine], float, float] | None:
-    """Largest integer size in [min_font_px, max_font_px] whose layout fits; (size, lines, ascent, pitch)."""
+    """Largest size in [cfg.min_px(script), max_font_px] whose layout fits; (size, lines, ascent, pitch)."""
     language = languages.get(lang)
     chain = fonts.font_chain(lang, bold)
-    lo, hi = cfg.min_font_px, cfg.max_font_px
+    lo, hi = cfg.min_px(language.script), cfg.max_font_px
     best = _layout(text, language, chain, lo, width, height, cfg, m)
     if best is None:
         return None

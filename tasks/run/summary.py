@@ -28,6 +28,8 @@ class RunSummary:
     shards: int = 0
     gallery: dict[str, str] = field(default_factory=dict)  # lang -> thumbnail URL
     thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)  # lang -> PNG bytes
+    # lang -> render QA totals over its pages shards (tasks.render.qa.QAStats fields) + pooled "cer"
+    render_qa: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def total_rejects(self) -> int:
@@ -58,6 +60,7 @@ def summarize_run(
             manifest.live_table(e, ["source_id"], superseded=gone).num_rows if gone else e.rows
         )
     summary.pages_per_lang = dict(sorted(per_lang.items()))
+    summary.render_qa = render_qa_per_lang(pages)
     rejects = read_rejects(store)
     summary.rejects_by_reason = dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))
     summary.rejects_by_stage_lang = dict(
@@ -102,6 +105,22 @@ def summarize_run(
     return summary
 
 
+def render_qa_per_lang(entries: list[Any]) -> dict[str, dict[str, float]]:
+    """Sum the render QA totals of pages shards' completion records per language; add the pooled CER."""
+    keys = ("regions", "chars", "edits", "pages", "pages_rejected")
+    out: dict[str, dict[str, float]] = {}
+    for e in entries:
+        qa = (e.extra or {}).get("render_qa")
+        if not qa or not qa.get("pages"):
+            continue
+        acc = out.setdefault(e.lang, dict.fromkeys(keys, 0))
+        for k in keys:
+            acc[k] += qa.get(k, 0)
+    for acc in out.values():
+        acc["cer"] = acc["edits"] / acc["chars"] if acc["chars"] else 0.0
+    return dict(sorted(out.items()))
+
+
 def summary_markdown(
     summary: RunSummary,
     *,
@@ -111,8 +130,16 @@ def summary_markdown(
 ) -> str:
     """Markdown for the Prefect artifact and ``artifacts/summary.md``."""
     lines = [f"# {title}", "", f"Output: `{summary.root}` · {summary.shards} pages shards", ""]
-    lines += ["## Pages per language", "", "| lang | pages |", "|---|---:|"]
-    lines += [f"| {lang} | {n} |" for lang, n in summary.pages_per_lang.items()]
+    lines += ["## Pages per language", ""]
+    if summary.render_qa:  # render QA: OCR round trip CER (whitespace ignored) of the drawn text
+        lines += ["| lang | pages | render CER | render_unreadable |", "|---|---:|---:|---:|"]
+        for lang, n in summary.pages_per_lang.items():
+            q = summary.render_qa.get(lang)
+            qa = f"{q['cer']:.1%} | {int(q['pages_rejected'])}" if q else "– | –"
+            lines.append(f"| {lang} | {n} | {qa} |")
+    else:
+        lines += ["| lang | pages |", "|---|---:|"]
+        lines += [f"| {lang} | {n} |" for lang, n in summary.pages_per_lang.items()]
     if queries is not None:
         lines += ["", f"## Queries ({queries['queries']}, {queries['cross_lingual']} cross-lingual)", ""]
         lines += ["| lang/kind (monolingual) | queries |", "|---|---:|"]

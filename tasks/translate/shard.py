@@ -76,6 +76,7 @@ def translate_shard(
     from tasks.render.config import RenderConfig, assert_raqm
     from tasks.render.pdf import page_pdf
     from tasks.render.png import render_page
+    from tasks.render.qa import QAStats, assert_tesseract
     from tasks.translate.memory import TranslationMemory
     from tasks.translate.texts import TranslateStats, translate_texts
 
@@ -95,6 +96,8 @@ def translate_shard(
 
     assert_raqm()
     render_cfg = RenderConfig(**cfg["render"])
+    if render_cfg.qa:
+        assert_tesseract([lang])
     render_hash = config_hash({"render": render_cfg.to_dict(), "translate": cfg["translate"], "models": fps})
     translator = _translator(config_key(cfg["translate"]))
     cache = TranslationMemory(store, memory_rel(lang, en_shard, cfg["translate"], fps))
@@ -143,6 +146,10 @@ def translate_shard(
                 rejects.append(reject)
             if record is not None:
                 records.append(record)
+    qa_stats = QAStats()
+    if render_cfg.qa and records:
+        records, qa_rejects = _render_qa(records, lang, render_cfg, qa_stats)
+        rejects.extend(qa_rejects)
     return commit_stage(
         root,
         pages_table(records),
@@ -153,8 +160,36 @@ def translate_shard(
         rel=rel,
         cfg_hash=cfg_hash,
         inputs=[en_shard],
-        extra={"translation": asdict(stats)},
+        extra={"translation": asdict(stats), "render_qa": asdict(qa_stats)},
     )
+
+
+def _render_qa(
+    records: list[PageRecord], lang: str, render_cfg: Any, stats: Any
+) -> tuple[list[PageRecord], list[Reject]]:
+    """OCR round trip of a shard's rendered pages (batched tesseract runs; ``qa_sample`` of them):
+    unreadable pages are rejects, the others keep their order in the shard."""
+    from tasks.render.qa import check_pages
+
+    max_cer = render_cfg.max_cer(languages.get(lang).script)
+    checked = [r for r in records if render_cfg.qa_checks(r.page_id)]
+    kept: list[PageRecord] = [r for r in records if not render_cfg.qa_checks(r.page_id)]
+    pages = ((Image.open(io.BytesIO(r.image_png)).convert("RGB"), r.regions) for r in checked)
+    rejects: list[Reject] = []
+    for record, verdict in zip(
+        checked, check_pages(pages, lang, max_cer, min_chars=render_cfg.qa_min_chars), strict=True
+    ):
+        stats.add(verdict)
+        if verdict.ok:
+            kept.append(record)
+        else:
+            rejects.append(
+                Reject(
+                    "render", record.source_page_id, RejectReason.RENDER_UNREADABLE, verdict.message(), lang
+                )
+            )
+    order = {r.page_id: i for i, r in enumerate(records)}
+    return sorted(kept, key=lambda r: order[r.page_id]), rejects
 
 
 def _render_translation(

@@ -199,8 +199,8 @@ def test_langid_keeps_right_language_short_keywords_and_ambiguous_devanagari():
         _q("Combien de passagers la compagnie a-t-elle transportés ?", lang="fr"),
         _q("Quanti passeggeri ha trasportato la compagnia nel 2023?", lang="it"),
         _q("railway freight", lang="es", kind="keyword"),  # < 4 words: judged by script only
-        _q("माल ढुलाई राजस्व में बारह प्रतिशत की वृद्धि", lang="hi"),  # Devanagari: script only
-        _q("उत्तरी रेलवे कंपनी ने कितने यात्रियों को ढोया", lang="mr"),
+        _q("माल ढुलाई राजस्व में बारह प्रतिशत की वृद्धि", lang="hi"),  # Devanagari: marker words
+        _q("उत्तर रेल्वे कंपनीने किती प्रवाशांची वाहतूक केली", lang="mr"),
         _q("北方铁路公司运送了多少名乘客", lang="zh"),  # a script of its own: nothing to confuse
     ]
     kept, rejects = filter_queries(good, {"p1": ""})
@@ -399,3 +399,23 @@ def test_api_key_from_prefect_secret_block(prefect_harness):
     )
     assert gen.endpoint.api_key.get() == "sk-from-prefect-456"
     assert "sk-from-prefect" not in repr(gen)
+
+
+def test_devanagari_languages_are_told_apart_by_marker_words():
+    """hi / mr / sa share a script and langid has no Sanskrit: closed-class marker words decide."""
+    from tasks.queries.filters import devanagari_markers
+
+    hi = "भारत की राजधानी नई दिल्ली है और यहाँ बहुत लोग रहते हैं"
+    mr = "भारताची राजधानी नवी दिल्ली आहे आणि तिथे खूप लोक राहतात"
+    sa = "अहं एतत् पुस्तकं पठितुम् इच्छामि यतः तत् उत्तमम् अस्ति"
+    for text, want in ((hi, "hi"), (mr, "mr"), (sa, "sa")):
+        counts = devanagari_markers(text)
+        assert max(counts, key=counts.get) == want and sorted(counts.values())[-2] == 0, counts
+    good = [_q(hi, lang="hi"), _q(mr, lang="mr"), _q(sa, lang="sa")]
+    kept, rejects = filter_queries(good, {"p1": ""})
+    assert len(kept) == 3, [r.message for r in rejects]
+    wrong = [_q(mr, lang="hi"), _q(hi, lang="sa"), _q(sa, lang="mr")]
+    wrong.append(_q("उत्तरी रेलवे कंपनी ने कितने यात्रियों को ढोया", lang="mr"))  # Hindi (once kept)
+    kept, rejects = filter_queries(wrong, {"p1": ""})
+    assert not kept and all(r.reason == RejectReason.QUERY_WRONG_LANGUAGE for r in rejects)
+    assert [r.message.split(": ", 1)[1].split()[1] for r in rejects] == ["mr", "hi", "sa", "hi"]
