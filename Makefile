@@ -92,6 +92,8 @@ bench: models vllm tesseract
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/live_rows.py
+	# smoke run only: the full-size run (README "Sizing a GPU job") takes ~9 min and 12 GiB
+	$(BIN)/python benchmarks/production_shapes.py --quick
 	$(BIN)/python benchmarks/manifest_scale.py
 	$(BIN)/python benchmarks/mining_index.py
 	$(BIN)/python benchmarks/scale_corpus.py

@@ -246,6 +246,25 @@ def models_build(
         typer.echo(f"  {name}: {path}")
 
 
+@models_app.command("hash")
+def models_hash(
+    source: Annotated[str, typer.Argument(help="Model source: recipe:<name>, hf:<repo>[:<file>] or a path.")],
+    table: Annotated[str, typer.Option(help="Profile table the pin goes in.")] = "layout",
+) -> None:
+    """Print the sha256 of a source's pickle checkpoint and the profile line that pins it (hf: downloads)."""
+    from tasks.models import pickle_files, resolve_source, sha256_file
+
+    files = pickle_files(resolve_source(source))
+    if not files:
+        typer.echo(f"{source}: no pickle checkpoint (.pt/.pth/.ckpt/.pkl), nothing to pin")
+        return
+    digests = [(sha256_file(f), f) for f in files]
+    for digest, f in digests:
+        typer.echo(f"{digest}  {f}")
+    if len(digests) == 1:
+        typer.echo(f'pin it in the profile\'s [{table}] table:\nsha256 = "{digests[0][0]}"')
+
+
 @models_app.command("list")
 def models_list(profile: Annotated[str, typer.Option(help="Profile to show.")] = "tiny") -> None:
     """Show each stage's engine and model source of a profile and whether it resolves here."""

@@ -12,6 +12,11 @@ profile run the same code. :func:`fingerprint` is the one model identity used in
 caches: it depends on what the model computes (weights, configs, tokenizer files), never on where or
 when it was built.
 
+Pickles: a ``.pt`` checkpoint (DocLayout-YOLO) is unpickled in full by the library that loads it, so
+loading one runs whatever code it carries. :func:`verify_pickle` stands before every such load: the file's
+sha256 must equal the pin of its profile table (``sha256 = "…"``), or the table says
+``trust_unpinned = true``; otherwise it is refused with the actual hash and the line to add.
+
 A leaf module: it imports only :mod:`tasks.paths` (recipe modules are named in :data:`RECIPES`).
 """
 
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import logging
 import shutil
 import tomllib
 from collections.abc import Callable, Mapping
@@ -32,6 +39,12 @@ from tasks.paths import PROFILES_DIR, models_dir
 PROVENANCE_FILES: frozenset[str] = frozenset({"recipe.json", "m3dr_conversion.json", "README.md"})
 # Files at least this large are fingerprinted by size + first and last MiB (multi-GB weights).
 WHOLE_FILE_LIMIT = 64 << 20
+# Checkpoint formats that are pickles (loading runs code); safetensors / ONNX / CTranslate2 files are not.
+PICKLE_SUFFIXES: frozenset[str] = frozenset({".pt", ".pth", ".ckpt", ".pkl"})
+# sha256 of every pickle a recipe build wrote, recorded by build_recipe (a dotfile: not fingerprinted).
+PICKLE_RECORD = ".pickle-sha256.json"
+
+log = logging.getLogger(__name__)
 
 
 # The recipe table: name -> "module:builder" (modules under tasks/recipes/, one per recipe). Named by
@@ -47,6 +60,10 @@ RECIPES: dict[str, str] = {
 
 class ModelSourceError(RuntimeError):
     """A model source that cannot be resolved (missing recipe build, bad path, no hub access)."""
+
+
+class UntrustedPickleError(ModelSourceError):
+    """A pickle checkpoint whose sha256 is not pinned, or does not match its pin or recipe record."""
 
 
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
@@ -89,12 +106,16 @@ def build_recipe(name: str, *, force: bool = False) -> Path:
     builder = recipe_builder(name)
     out = recipe_dir(name)
     done = out / ".complete"
-    if done.exists() and not force:
+    # a build with pickles but no sha256 record predates the record (see verify_pickle): rebuild it
+    if done.exists() and not force and ((out / PICKLE_RECORD).exists() or not pickle_files(out)):
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     builder(tmp)
+    record = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in pickle_files(tmp)}
+    if record:
+        (tmp / PICKLE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     (out / ".complete").write_text("ok\n")
@@ -164,6 +185,88 @@ def fingerprint(path: Path, n: int = 16) -> str:
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:n]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (what ``sha256sum`` prints)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pickle_files(path: Path) -> list[Path]:
+    """The pickle checkpoints (:data:`PICKLE_SUFFIXES`) a model file or directory holds, dotfiles aside."""
+    return [f for _, f in _model_files(Path(path)) if f.suffix.lower() in PICKLE_SUFFIXES]
+
+
+def verify_pickle(
+    path: Path,
+    *,
+    source: str,
+    sha256: str | None = None,
+    trust_unpinned: bool = False,
+    table: str = "layout",
+) -> str | None:
+    """Check a checkpoint before anything unpickles it; returns its sha256 (None: not a pickle).
+
+    - not a pickle (safetensors, ONNX, …): nothing to check;
+    - ``sha256`` pinned: the file must match it, whatever ``trust_unpinned`` says;
+    - a ``recipe:`` source, unpinned: the file must match the sha256 :func:`build_recipe` recorded when
+      our own builder wrote it in the model cache. Recipe pickles are ours, so they need no pin in the
+      tiny profile; the record still refuses a file that changed after the build (swapped in a shared
+      ``M3DR_MODELS`` volume, a stray copy). A record is only read from the recipe's own build dir,
+      never from beside a downloaded or local file (a hub repo could ship one);
+    - anything else unpinned: refused, unless ``trust_unpinned``.
+
+    The refusal prints the actual sha256 and the profile line that pins it.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return None
+    actual = sha256_file(path)
+    where = f"{path.name} (model {source!r})"
+    pin_hint = (
+        f"If you trust this file (check where it came from first), pin it in the profile's [{table}] table:\n"
+        f'    sha256 = "{actual}"\n'
+        f"or set `trust_unpinned = true` there to load it unchecked."
+    )
+    if sha256:
+        if actual != sha256.lower():
+            raise UntrustedPickleError(
+                f"refusing to load {where}: its sha256 {actual} does not match the pinned "
+                f'[{table}] sha256 = "{sha256}". A .pt checkpoint is a pickle: loading it runs code. '
+                f"Re-download the file, or, if the new file is the one you mean, update the pin.\n{pin_hint}"
+            )
+        return actual
+    if source.startswith("recipe:"):
+        name = source.split(":", 1)[1]
+        build = recipe_dir(name).resolve()
+        record_file = build / PICKLE_RECORD
+        rel = path.resolve().relative_to(build).as_posix() if path.resolve().is_relative_to(build) else None
+        recorded = json.loads(record_file.read_text()).get(rel) if rel and record_file.is_file() else None
+        if recorded == actual:
+            return actual
+        if recorded is not None:
+            raise UntrustedPickleError(
+                f"refusing to load {where}: it changed after `m3dr models build {name}` wrote it "
+                f"(recorded sha256 {recorded}, now {actual}); rebuild it with "
+                f"`m3dr models build {name} --force`.\n{pin_hint}"
+            )
+        if not trust_unpinned:
+            raise UntrustedPickleError(
+                f"refusing to load {where}: the recipe build has no sha256 record of it (built before "
+                f"records existed, or not by `m3dr models build`); rebuild it with "
+                f"`m3dr models build {name} --force`.\n{pin_hint}"
+            )
+    elif not trust_unpinned:
+        raise UntrustedPickleError(
+            f"refusing to load {where}: a .pt checkpoint is a pickle (loading it runs code) and its sha256 "
+            f"{actual} is not pinned.\n{pin_hint}"
+        )
+    log.warning("loading unpinned pickle %s (sha256 %s): trust_unpinned = true", path, actual)
+    return actual
 
 
 def model_fingerprint(stage_cfg: dict[str, Any]) -> str:

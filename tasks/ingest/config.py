@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from tasks.config import StrictModel
 
@@ -38,6 +38,10 @@ class DocLayoutYoloConfig(StrictModel):
     device: str = "cpu"
     max_det: int = 300
     threads: int | None = None
+    # The checkpoint is a pickle (loading runs code): its sha256, checked before loading (see
+    # tasks.models.verify_pickle). Unpinned non-recipe checkpoints are refused unless trust_unpinned.
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    trust_unpinned: bool = False
 
     @model_validator(mode="after")
     def _needs_model(self) -> DocLayoutYoloConfig:

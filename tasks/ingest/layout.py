@@ -289,9 +289,12 @@ class DocLayoutYoloDetector:
 
     YOLOv10 heads are NMS-free (one-to-one assignment), so there is no IoU threshold to set; ``conf``
     filters the top-``max_det`` boxes. doclayout_yolo itself loads checkpoints with
-    ``torch.load(..., weights_only=False)`` (full unpickling): load only checkpoints you trust (ours or
-    the official one). m3dr leaves torch.load's defaults alone; note that importing doclayout_yolo
-    itself rebinds ``torch.save`` process-wide to a dill-based wrapper (its ``utils/patches.py``).
+    ``torch.load(..., weights_only=False)`` (full unpickling: loading runs code), so the checkpoint is
+    checked first by :func:`tasks.models.verify_pickle`: its sha256 must match ``sha256`` (the profile's
+    pin), or the recipe build's record for a ``recipe:`` ``source``, or ``trust_unpinned`` must be set;
+    otherwise it is refused before doclayout_yolo is even imported. m3dr leaves torch.load's defaults
+    alone; note that importing doclayout_yolo itself rebinds ``torch.save`` process-wide to a dill-based
+    wrapper (its ``utils/patches.py``).
     ``threads`` (optional) sets torch's intra-op thread count, which is process-wide: on a CPU shared
     with other jobs, 1 thread was 2–8× faster than 2 competing ones here.
     """
@@ -305,12 +308,18 @@ class DocLayoutYoloDetector:
         device: str = "cpu",
         max_det: int = 300,
         threads: int | None = None,
+        sha256: str | None = None,
+        trust_unpinned: bool = False,
+        source: str | None = None,
     ) -> None:
-        from doclayout_yolo import YOLOv10
-
-        from tasks.models import fingerprint
+        from tasks.models import fingerprint, verify_pickle
 
         self.weights = find_checkpoint(Path(weights))
+        verify_pickle(
+            self.weights, source=source or str(weights), sha256=sha256, trust_unpinned=trust_unpinned
+        )
+        from doclayout_yolo import YOLOv10
+
         self.imgsz = int(imgsz)
         self.conf = float(conf)
         self.device = device
@@ -420,8 +429,9 @@ def _build_doclayout_yolo(cfg: Mapping[str, Any]) -> LayoutDetector:
 
     if not cfg.get("model"):
         raise ValueError("layout engine 'doclayout-yolo' needs `model` (recipe:, hf: or a path)")
-    opts = _options(cfg, {"imgsz", "conf", "device", "max_det", "threads"})
-    return DocLayoutYoloDetector(resolve_source(str(cfg["model"])), **opts)
+    opts = _options(cfg, {"imgsz", "conf", "device", "max_det", "threads", "sha256", "trust_unpinned"})
+    source = str(cfg["model"])
+    return DocLayoutYoloDetector(resolve_source(source), source=source, **opts)
 
 
 def _build_rapid_layout(cfg: Mapping[str, Any]) -> LayoutDetector:

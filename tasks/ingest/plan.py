@@ -25,9 +25,16 @@ def ingest_config(profile: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Layout keys that decide whether a checkpoint may load, not what it computes (the model fingerprint
+# covers the weights): pinning a checkpoint must not invalidate shards made with it.
+TRUST_KEYS = ("sha256", "trust_unpinned")
+
+
 def ingest_base_hash(profile: dict[str, Any], layout_fp: str) -> str:
     """Hash of everything but the sources that decides an English shard (config + layout model)."""
-    return config_hash({"cfg": ingest_config(profile), "models": {"layout": layout_fp}})
+    cfg = ingest_config(profile)
+    cfg["layout"] = {k: v for k, v in cfg["layout"].items() if k not in TRUST_KEYS}
+    return config_hash({"cfg": cfg, "models": {"layout": layout_fp}})
 
 
 def en_shard_name(units: list[str]) -> str:

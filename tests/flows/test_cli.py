@@ -75,3 +75,19 @@ def test_synthesize_options_are_the_flow_parameters(monkeypatch):
     assert seen[-1] == SynthesizeParams()  # nothing given: exactly the flow's defaults
     bad = runner.invoke(app, ["synthesize", "--split-fractions", "{train: 1}"])
     assert bad.exit_code != 0 and "not JSON" in bad.output
+
+
+def test_models_hash_prints_the_pin_line_that_loads_the_checkpoint(tiny_models):
+    """`m3dr models hash` gives the sha256 line a profile needs for a .pt, and that pin is accepted."""
+    import re
+
+    from tasks.models import pickle_files, resolve_source, verify_pickle
+
+    result = runner.invoke(app, ["models", "hash", "recipe:doclayout-yolo-tiny"])
+    assert result.exit_code == 0, result.output
+    pin = re.search(r'sha256 = "([0-9a-f]{64})"', result.output)
+    assert pin is not None and "[layout]" in result.output
+    (pt,) = pickle_files(resolve_source("recipe:doclayout-yolo-tiny"))
+    assert verify_pickle(pt, source=str(pt), sha256=pin.group(1)) == pin.group(1)
+    nothing = runner.invoke(app, ["models", "hash", "recipe:gemma3-tiny"])
+    assert nothing.exit_code == 0 and "nothing to pin" in nothing.output

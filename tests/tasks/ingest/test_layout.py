@@ -28,6 +28,7 @@ from tasks.ingest.layout import (
     reading_order,
     suppress_duplicates,
 )
+from tasks.models import sha256_file
 from tasks.recipes.doclayout_yolo_tiny import build_random_doclayout_yolo
 from tasks.schema import LABELS, Region
 
@@ -239,6 +240,7 @@ def test_doclayout_yolo_detect_parses_real_predictions(
             "imgsz": 1024,
             "conf": 0.001,
             "threads": 1,
+            "sha256": sha256_file(random_ckpt),  # a .pt loads only pinned (test_pinning.py)
         }
     )
     assert isinstance(det, DocLayoutYoloDetector) and isinstance(det, LayoutDetector)
@@ -258,7 +260,9 @@ def test_doclayout_yolo_detect_parses_real_predictions(
     assert det.detect(page_image) == []
     # a .pt path works as well as its directory
     assert (
-        build_layout_detector({"engine": "doclayout-yolo", "model": str(random_ckpt)}).model_id
+        build_layout_detector(
+            {"engine": "doclayout-yolo", "model": str(random_ckpt), "sha256": sha256_file(random_ckpt)}
+        ).model_id
         == det.model_id
     )
 
