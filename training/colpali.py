@@ -271,7 +271,8 @@ class ColpaliEncoder:
         return f"colpali:{self.model_class}:{self.source}"  # hub id: the revision cache keys on the name
 
     @torch.no_grad()
-    def _run(self, batch: Any) -> torch.Tensor:
+    def _run(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model output, attention mask) of one processor batch: ``[n, d]`` (Bi*), ``[n, L, d]`` (Col*)."""
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return self.model(**batch), batch["attention_mask"]
 
