@@ -94,6 +94,9 @@ class TrainConfig(BaseModel):
     splits: list[str] = Field(default_factory=lambda: ["train"])  # train-shard rows to learn from
     bucket_batches: int = 8  # length bucketing: sort within windows of this many batches
     prompts: PromptSettings = Field(default_factory=PromptSettings)
+    # index: positions from column 0, padding included (transformers / NetraEmbed); mask: from each
+    # row's first real token (bitwise padding-invariant rows). Same function under RoPE (training.model).
+    positions: Literal["index", "mask"] = "index"
     # optimisation
     lr: float = 2e-4
     head_lr: float | None = None  # default: lr

@@ -51,6 +51,7 @@ def _retriever_for_inference(backbone: torch.nn.Module, config: TrainConfig) -> 
         dense=True,
         multivector=config.multivector,
         multivector_dim=config.multivector_dim,
+        positions=config.positions,
     )
 
 

@@ -7,11 +7,13 @@
   token, L2-normalised per token, with the attention mask as the token mask; scored by MaxSim.
 
 Both read the same backbone pass (``retriever = "both"`` trains one LoRA for the two heads).
-Positions are counted the way transformers and NetraEmbed count them (from the first column, left
-padding included): Gemma-3's rotary embeddings see only position *differences*, so a row's embedding
-does not depend on how much left padding its batch needed either way (the colpali round trip test
-compares the two at cosine ≥ 0.9999 on mixed-length batches), and a checkpoint continues from the
-published weights with the same inputs they were trained on.
+Positions (``TrainConfig.positions``): ``index`` (default) counts them the way transformers and
+NetraEmbed do, from the first column, left padding included; ``mask`` counts from each row's first real
+token. Gemma-3's rotary embeddings see only position *differences*, so the two are the same function
+(the colpali round trip compares them at cosine ≥ 0.9999 on mixed-length batches); they differ in
+float rounding only. ``mask`` makes a row's inputs bitwise independent of its batch's padding, which
+is what keeps 2 ranks × 4 on the loss curve of 1 process × 8 for several steps (a MaxSim argmax can
+flip on a 1e-7 difference); see the README.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def last_token_pool(hidden: torch.Tensor) -> torch.Tensor:
     return hidden[:, -1, :]
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` mask (left padded) → ``[B, L]`` positions 0.. over the real tokens (padding gets 0)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 def inner_backbone(model: nn.Module) -> nn.Module:
     """The transformers base model (``Gemma3Model``: vision tower + projector + language model) inside a
     ``*ForConditionalGeneration``, whether or not it is wrapped by peft (LoRA layers are injected in
@@ -51,10 +58,18 @@ class RetrieverModel(nn.Module):
     ``multi`` ``[B, L, D]`` (unit rows) + ``mask`` ``[B, L]``."""
 
     def __init__(
-        self, backbone: nn.Module, hidden_size: int, *, dense: bool, multivector: bool, multivector_dim: int
+        self,
+        backbone: nn.Module,
+        hidden_size: int,
+        *,
+        dense: bool,
+        multivector: bool,
+        multivector_dim: int,
+        positions: str = "index",
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.mask_positions = positions == "mask"
         self.dense = dense
         self.multivector = multivector
         self.hidden_size = hidden_size
@@ -69,6 +84,8 @@ class RetrieverModel(nn.Module):
             "attention_mask": mask,
             "use_cache": False,
         }
+        if self.mask_positions:
+            kwargs["position_ids"] = position_ids_from_mask(mask)
         if inputs.get("pixel_values") is not None:
             kwargs["pixel_values"] = inputs["pixel_values"]
         if inputs.get("token_type_ids") is not None:
@@ -172,6 +189,7 @@ def build_retriever(model_dir: Path, config: TrainConfig, *, for_training: bool 
         dense=config.dense,
         multivector=config.multivector,
         multivector_dim=config.multivector_dim,
+        positions=config.positions,
     )
     return model
 
