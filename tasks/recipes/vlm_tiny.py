@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.recipes.llm_tiny import _corpus
+from tasks.recipes.cldr import byte_level_bpe, chat_corpus
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # wraps every image (Idefics3's begin/end of image)
@@ -87,30 +87,19 @@ class VlmTinyConfig:
 
 
 def build_tokenizer(out_dir: Path, cfg: VlmTinyConfig):
-    """A byte-level BPE (CLDR names of the 22 languages) with the Idefics3 image tokens as specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    """The byte-level BPE of the query chat models (CLDR names + query text, as ``llm-tiny``'s) with
+    the Idefics3 image tokens as specials."""
+    fast = byte_level_bpe(
+        chat_corpus(),
+        cfg.vocab_size,
+        SPECIAL_TOKENS,
+        chat_template=CHAT_TEMPLATE,
         bos_token="<|im_start|>",
         eos_token=END_OF_UTTERANCE,
         pad_token="<|endoftext|>",
-        unk_token=None,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         model_max_length=cfg.max_position_embeddings,
     )
-    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return fast
 

@@ -172,13 +172,21 @@ def _render_qa(
     from tasks.render.qa import check_pages
 
     max_cer = render_cfg.max_cer(languages.get(lang).script)
-    checked = [r for r in records if render_cfg.qa_checks(r.page_id)]
-    kept: list[PageRecord] = [r for r in records if not render_cfg.qa_checks(r.page_id)]
+    checks = [render_cfg.qa_checks(r.page_id) for r in records]  # one hash per page id
+    checked = [r for r, check in zip(records, checks, strict=True) if check]
     pages = ((Image.open(io.BytesIO(r.image_png)).convert("RGB"), r.regions) for r in checked)
+    verdicts = check_pages(pages, lang, max_cer, min_chars=render_cfg.qa_min_chars)
+    if len(verdicts) != len(checked):
+        raise ValueError(f"render QA returned {len(verdicts)} verdicts for {len(checked)} pages")
+    # one walk in shard order, a verdict pulled per checked page: kept pages need no re-sort
+    pending = iter(verdicts)
+    kept: list[PageRecord] = []
     rejects: list[Reject] = []
-    for record, verdict in zip(
-        checked, check_pages(pages, lang, max_cer, min_chars=render_cfg.qa_min_chars), strict=True
-    ):
+    for record, check in zip(records, checks, strict=True):
+        if not check:  # not sampled: kept unread
+            kept.append(record)
+            continue
+        verdict = next(pending)
         stats.add(verdict)
         if verdict.ok:
             kept.append(record)
@@ -188,8 +196,7 @@ def _render_qa(
                     "render", record.source_page_id, RejectReason.RENDER_UNREADABLE, verdict.message(), lang
                 )
             )
-    order = {r.page_id: i for i, r in enumerate(records)}
-    return sorted(kept, key=lambda r: order[r.page_id]), rejects
+    return kept, rejects
 
 
 def _render_translation(
