@@ -199,6 +199,8 @@ class Benchmark:
     corpus_doc_ids: list[str | None] | None = None
     corpus_titles: list[str] | None = None
     corpus_texts: list[str] | None = None
+    # composed (image + text) queries: one encoded image per query (None for a text query)
+    query_images: list[bytes | None] | None = None
     name: str = ""
     _index: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
@@ -255,12 +257,13 @@ class Benchmark:
         """The same corpus with only these queries and their qrels (e.g. one language's set)."""
         keep = set(query_ids)
         rows = [i for i, q in enumerate(self.query_ids) if q in keep]
-        langs = self.query_languages
+        langs, images = self.query_languages, self.query_images
         return replace(
             self,
             query_ids=[self.query_ids[i] for i in rows],
             query_texts=[self.query_texts[i] for i in rows],
             query_languages=None if langs is None else [langs[i] for i in rows],
+            query_images=None if images is None else [images[i] for i in rows],
             qrels_rows=[r for r in self.qrels_rows if r[0] in keep],
             name=self.name if name is None else name,
         )
@@ -327,6 +330,7 @@ class Benchmark:
         lengths = {
             "query_texts": (self.query_texts, len(self.query_ids)),
             "query_languages": (self.query_languages, len(self.query_ids)),
+            "query_images": (self.query_images, len(self.query_ids)),
             "corpus_languages": (self.corpus_languages, len(self.corpus_ids)),
             "corpus_doc_ids": (self.corpus_doc_ids, len(self.corpus_ids)),
             "corpus_titles": (self.corpus_titles, len(self.corpus_ids)),
@@ -421,6 +425,9 @@ def _from_columns(
         else [None if v is None else str(v) for v in corpus["doc-id"]],
         corpus_titles=corpus.get("title"),
         corpus_texts=corpus.get("text"),
+        query_images=None
+        if "image" not in queries
+        else [v.get("bytes") if isinstance(v, dict) else None for v in queries["image"]],
         name=name,
     )
 
@@ -520,6 +527,9 @@ def read_beir_dir(root: Path | str, *, split: str = "test", name: str | None = N
         corpus_doc_ids=col(corpus, "doc-id"),
         corpus_titles=[str(r.get("title", "")) for r in corpus],
         corpus_texts=[str(r.get("text", "")) for r in corpus],
+        query_images=[(root / r["image"]).read_bytes() if r.get("image") else None for r in queries]
+        if any(r.get("image") for r in queries)
+        else None,
         name=root.name if name is None else name,
     )
 
@@ -666,7 +676,15 @@ def _queries_table(b: Benchmark) -> pa.Table:
     cols: dict[str, Any] = {"query-id": b.query_ids, "query": b.query_texts}
     if b.query_languages is not None:
         cols["language"] = b.query_languages
-    return pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()})
+    table = pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()})
+    if b.query_images is None:
+        return table
+    cells = [
+        None if img is None else {"bytes": img, "path": _file_stem(q) + _ext(img)}
+        for q, img in zip(b.query_ids, b.query_images, strict=True)
+    ]
+    table = table.append_column(pa.field("image", IMAGE_TYPE), pa.array(cells, IMAGE_TYPE))
+    return table.replace_schema_metadata(_HF_META)
 
 
 def _qrels_table(b: Benchmark) -> pa.Table:
@@ -797,11 +815,16 @@ def write_beir(bench: Benchmark, out: Path | str, *, split: str = "test", overwr
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     row += 1
         with (tmp / "queries.jsonl").open("w", encoding="utf-8") as fh:
-            langs = bench.query_languages
+            langs, qimages = bench.query_languages, bench.query_images
             for i, (q, t) in enumerate(zip(bench.query_ids, bench.query_texts, strict=True)):
                 rec = {"_id": q, "text": t}
                 if langs is not None:
                     rec["language"] = langs[i]
+                if qimages is not None and qimages[i]:  # composed queries: the crop beside the text
+                    rel = f"query-images/{_file_stem(q)}{_ext(qimages[i])}"
+                    (tmp / "query-images").mkdir(exist_ok=True)
+                    (tmp / rel).write_bytes(qimages[i])
+                    rec["image"] = rel
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         with (tmp / "qrels" / f"{split}.tsv").open("w", encoding="utf-8") as fh:
             fh.write("query-id\tcorpus-id\tscore\n")

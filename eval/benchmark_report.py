@@ -211,6 +211,9 @@ def compare_rows(
     if not runs:
         return []
     base_label, base = runs[0]
+    views = [("cross", "cross"), ("mono_mean", "mono mean")]
+    if any(e.get("composed") for _, p in runs for s in p["summary"].values() for e in s.values()):
+        views.append(("composed", "composed"))
     rows = []
     for label, payload in runs:
         for suite, summary in payload["summary"].items():
@@ -218,7 +221,7 @@ def compare_rows(
             for name, e in summary.items():
                 ref = ref_summary.get(name) or ref_summary.get(next(iter(headline(ref_summary)), ""), {})
                 row: dict[str, Any] = {"run": label, "suite": suite, "retriever": name}
-                for key, col in (("cross", "cross"), ("mono_mean", "mono mean")):
+                for key, col in views:
                     v = (e.get(key) or {}).get(metric)
                     r = (ref.get(key) or {}).get(metric) if ref else None
                     row[f"{col} {metric}"] = v

@@ -13,6 +13,9 @@ Output (``out/``), every set in the Hugging Face Parquet layout of :func:`eval.b
   English translation.
 * ``monobench-<lang>/`` — one monolingual set per language: that language's pages and the queries
   written in it (grade 2 for the exact page only).
+* ``composedbench/`` — MM-Embed's composed queries (a region crop + a question, ``kind = composed``):
+  the cross set's corpus and grading, queries carrying their crop in an HF Image ``image`` column. Composed
+  queries are kept out of the two text-query sets above.
 * ``suite.json`` — the list of sets (name, kind, language, sizes) that :func:`load_suite` and the
   ``benchmark-nayana`` flow read, plus the fingerprint of the inputs the suite was built from.
 
@@ -35,6 +38,7 @@ from typing import Any, Literal
 
 from eval.beir import Benchmark, BenchmarkError, MemoryImages, atomic_dir, load_benchmark, write_parquet
 from tasks.languages import ALL_LANGS
+from tasks.schema import COMPOSED_KIND
 from tasks.shards import Manifest, config_hash
 from tasks.splits import DEFAULT_FRACTIONS, assign_split
 
@@ -47,7 +51,10 @@ HUB_SUITE = "nayana-ir"
 HUB_ALIAS = "nayana-ir"  # what users write in a benchmark list for the published suite
 
 _PAGE_COLS = ["page_id", "source_page_id", "source_id", "lang", "image", "text"]
-_QUERY_COLS = ["query_id", "query", "query_lang", "page_id", "cross_lingual", "source_id", "split"]
+_QUERY_COLS = [
+    "query_id", "query", "query_lang", "kind", "page_id", "cross_lingual", "source_id", "split", "image"
+]  # fmt: skip
+COMPOSED_NAME = "composedbench"
 
 
 def mono_name(lang: str) -> str:
@@ -59,7 +66,7 @@ class SetInfo:
     """One benchmark of a suite: ``kind`` is ``cross`` or ``mono``; ``language`` is set for mono sets."""
 
     name: str
-    kind: Literal["cross", "mono"]
+    kind: Literal["cross", "mono", "composed"]
     path: str  # relative to the suite directory, or a hub id
     language: str | None = None
     suite: str = ""  # sets of one suite are averaged together (mono mean); suites never mix
@@ -189,6 +196,9 @@ def _benchmark(
         query_texts=[q["query"] for q in kept],
         qrels_rows=[(q, c, s) for q, docs in qrels.items() for c, s in docs.items()],
         query_languages=[q["query_lang"] for q in kept],
+        query_images=[(q.get("image") or {}).get("bytes") for q in kept]
+        if any(q.get("image") for q in kept)
+        else None,
         corpus_languages=[p["lang"] for p in pages],
         corpus_doc_ids=[p["source_id"] for p in pages],
         corpus_texts=[p["text"] or "" for p in pages],
@@ -203,13 +213,17 @@ def suite_benchmarks(
     max_queries_per_lang: int | None = None,
     suite: str = "",
 ) -> list[tuple[SetInfo, Benchmark]]:
-    """The cross set (all languages, graded 2/1) then one mono set per language that has queries."""
+    """The cross set (all languages, graded 2/1), one mono set per language that has queries, then the
+    composed-query set (cross corpus and grading) when there are composed queries."""
     queries = _sample(queries, max_queries_per_lang)
+    composed = [q for q in queries if q.get("kind") == COMPOSED_KIND]
+    queries = [q for q in queries if q.get("kind") != COMPOSED_KIND]
     out: list[tuple[SetInfo, Benchmark]] = []
-    if not pages or not queries:
+    if not pages or not (queries or composed):
         return out
-    cross = _benchmark(CROSS_NAME, pages, queries, parallel_grade=True)
-    out.append((SetInfo(CROSS_NAME, "cross", CROSS_NAME, suite=suite), cross))
+    if queries:
+        cross = _benchmark(CROSS_NAME, pages, queries, parallel_grade=True)
+        out.append((SetInfo(CROSS_NAME, "cross", CROSS_NAME, suite=suite), cross))
     order = {code: i for i, code in enumerate(ALL_LANGS)}
     for lang in sorted({q["query_lang"] for q in queries}, key=lambda c: (order.get(c, 99), c)):
         lp = [p for p in pages if p["lang"] == lang]
@@ -217,6 +231,9 @@ def suite_benchmarks(
         bench = _benchmark(mono_name(lang), lp, lq, parallel_grade=False)
         if bench.query_ids:
             out.append((SetInfo(mono_name(lang), "mono", mono_name(lang), language=lang, suite=suite), bench))
+    if composed:
+        bench = _benchmark(COMPOSED_NAME, pages, composed, parallel_grade=True)
+        out.append((SetInfo(COMPOSED_NAME, "composed", COMPOSED_NAME, suite=suite), bench))
     return out
 
 

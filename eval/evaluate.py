@@ -53,6 +53,7 @@ from tasks.storage import atomic_write
 log = logging.getLogger(__name__)
 
 MULTI = "multivector"
+TEXT_VIEW_PREFIX = "text:"  # runs of the text view: text query → page text (``text:dense@64``)
 RERANK_SUFFIX = "+rerank"
 Run = dict[str, dict[str, float]]
 
@@ -68,6 +69,7 @@ class EvalSettings:
     search: Literal["exact", "faiss-flat", "faiss-hnsw"] = "exact"
     multivector: bool | None = None  # None: when the encoder has a multi-vector head
     dense: bool = True
+    text_view: bool | None = None  # None: when the encoder reads text-only documents (VLM retrievers)
     batch_size: int = 32  # pages per encoder call while streaming the corpus
     device: str = "auto"  # where search runs: auto = cuda when available, else cpu
     maxsim_doc_chunk: int = 64
@@ -133,8 +135,10 @@ def has_multivector(encoder: Any) -> bool:
 
 def classify(info: SetInfo, bench: Benchmark) -> SetInfo:
     """A set given as a bare directory/hub id is ``mono`` when every query and page shares one language."""
-    if info.kind == "mono" or info.language is not None:
+    if info.kind in ("mono", "composed") or info.language is not None:
         return info
+    if bench.query_images is not None and any(bench.query_images):
+        return replace(info, kind="composed")
     qlangs = set(bench.query_languages or [None])
     clangs = set(bench.corpus_languages or [None]) - {None}
     if len(qlangs) == 1 and None not in qlangs and clangs <= qlangs:
@@ -212,30 +216,34 @@ class BenchmarkRunner:
         self.device = torch.device(auto if self.settings.device == "auto" else self.settings.device)
 
     # -- corpus -------------------------------------------------------------------------------------
-    def _page_keys(self, bench: Benchmark) -> list[str]:
+    def _page_keys(self, bench: Benchmark, as_text: bool = False) -> list[str]:
         texts = bench.corpus_texts or [""] * len(bench.corpus_ids)
         keys = []
+        mark = b"\0text-view" if as_text else b""
         for ids, imgs in bench.iter_images(self.settings.batch_size):
             for c, b in zip(ids, imgs, strict=True):
                 i = len(keys)
                 text = (texts[i] or "").encode()  # hub corpora may carry null texts
-                h = hashlib.sha256(c.encode() + b"\0" + hashlib.sha256(b).digest() + text)
+                h = hashlib.sha256(c.encode() + b"\0" + hashlib.sha256(b).digest() + text + mark)
                 keys.append(h.hexdigest()[:32])
         return keys
 
-    def _views(self, bench: Benchmark, ids: list[str], imgs: list[bytes], start: int) -> list[PageView]:
+    def _views(
+        self, bench: Benchmark, ids: list[str], imgs: list[bytes], start: int, as_text: bool = False
+    ) -> list[PageView]:
         langs = bench.corpus_languages or [None] * len(bench.corpus_ids)
         texts = bench.corpus_texts or [""] * len(bench.corpus_ids)
         return [
-            PageView(c, c, langs[start + i] or "", texts[start + i] or "", b)
+            PageView(c, c, langs[start + i] or "", texts[start + i] or "", None if as_text else b)
             for i, (c, b) in enumerate(zip(ids, imgs, strict=True))
         ]
 
     def encode_corpus(
-        self, bench: Benchmark, progress: Callable[[str], None] | None = None
+        self, bench: Benchmark, progress: Callable[[str], None] | None = None, *, as_text: bool = False
     ) -> tuple[np.ndarray | None, list[torch.Tensor] | None, float, bool]:
-        """``(dense [n, D] | None, multi [l_i, d] list | None, ms per encoded page, from disk cache)``."""
-        keys = self._page_keys(bench)
+        """``(dense [n, D] | None, multi [l_i, d] list | None, ms per encoded page, from disk cache)``;
+        ``as_text``: every page as its text only (the text view; cached under its own keys)."""
+        keys = self._page_keys(bench, as_text)
         dataset_fp = hashlib.sha256("".join(keys).encode()).hexdigest()[:20]
         want_dense, want_multi = self.dense, self.multivector
         dense = multi = None
@@ -262,7 +270,7 @@ class BenchmarkRunner:
                 if (need_dense and k not in self._dense_memo) or (need_multi and k not in self._multi_memo)
             ]
             if todo:
-                views = self._views(bench, ids, imgs, start)
+                views = self._views(bench, ids, imgs, start, as_text)
                 sel = [views[i] for i in todo]
                 t0 = time.perf_counter()
                 vecs, emb, mask = self._encode_pages(sel, need_dense, need_multi)
@@ -296,13 +304,27 @@ class BenchmarkRunner:
         return vecs, emb, mask
 
     def _encode_queries(
-        self, texts: list[str], langs: list[str], dense: bool, multi: bool
+        self,
+        texts: list[str],
+        langs: list[str],
+        dense: bool,
+        multi: bool,
+        *,
+        task: str = "text-page",
+        images: list[bytes | None] | None = None,
     ) -> tuple[np.ndarray | None, torch.Tensor | None, torch.Tensor | None]:
+        """Query vectors; encoders that take them (``multimodal_queries``) get the task (its instruction)
+        and composed queries' images, others encode the query text alone."""
         enc: Any = self.encoder
+        kw: dict[str, Any] = {}
+        if getattr(enc, "multimodal_queries", False):
+            kw = {"task": task, "images": images}
+        elif images is not None:
+            log.warning("%s encodes text only: composed queries are scored by their text", enc.model_id)
         if dense and multi and hasattr(enc, "encode_queries_both"):
-            return enc.encode_queries_both(texts)
-        vecs = enc.encode_queries(texts, langs) if dense else None
-        emb, mask = enc.encode_queries_multi(texts) if multi else (None, None)
+            return enc.encode_queries_both(texts, **kw)
+        vecs = enc.encode_queries(texts, langs, **kw) if dense else None
+        emb, mask = enc.encode_queries_multi(texts, **kw) if multi else (None, None)
         return vecs, emb, mask
 
     # -- one set ------------------------------------------------------------------------------------
@@ -323,6 +345,72 @@ class BenchmarkRunner:
         index.add(d)
         return index.search(q, k)
 
+    def _text_view(self, info: SetInfo, bench: Benchmark) -> bool:
+        """Whether to score the text view: asked for (or, by default, an encoder that reads text-only
+        documents, e.g. the VLM retriever), on a text-query set whose corpus has page text."""
+        want = self.settings.text_view
+        able = bool(getattr(self.encoder, "text_documents", False))
+        if want is None:
+            want = able
+        if want and not able:
+            raise ValueError(f"{self.encoder.model_id} cannot encode text-only documents (text_view=True)")
+        return bool(want) and info.kind != "composed" and any(bench.corpus_texts or [])
+
+    def _score_view(
+        self,
+        bench: Benchmark,
+        dense: np.ndarray | None,
+        multi: list[torch.Tensor] | None,
+        qlangs: list[str],
+        depth: int,
+        runs: dict[str, Run],
+        timing: dict[str, tuple[float, float, dict[str, float]]],
+        *,
+        task: str,
+        images: list[bytes | None] | None = None,
+    ) -> None:
+        """Encode the queries (with ``task``'s instruction, composed queries with their images) and add
+        the dense (Matryoshka sweep) and multi-vector runs over one corpus encoding to ``runs``; runs of
+        the text view are named ``text:<retriever>``."""
+        s = self.settings
+        qids = bench.query_ids
+        n = max(1, len(qids))
+        prefix = TEXT_VIEW_PREFIX if task == "text-text" else ""
+        t0 = time.perf_counter()
+        q_full, qe, qm = self._encode_queries(
+            list(bench.query_texts), qlangs, dense is not None, multi is not None, task=task, images=images
+        )
+        q_ms = 1000.0 * (time.perf_counter() - t0) / n  # one pass serves both retrievers
+        if dense is not None and q_full is not None:
+            for dim in self.dims_for(dense.shape[1]):
+                docs, qs = truncate(dense, dim), truncate(q_full, dim)
+                t0 = time.perf_counter()
+                scores, idx = self._dense_search(qs, docs, depth)
+                search_ms = 1000.0 * (time.perf_counter() - t0) / n
+                name = f"{prefix}dense@{dim}"
+                runs[name] = topk_to_run(qids, bench.corpus_ids, scores, idx)
+                timing[name] = (q_ms, search_ms, {"fp32": 4.0 * dim, "fp16": 2.0 * dim})
+        if multi is not None and qe is not None:
+            t0 = time.perf_counter()
+            full = maxsim_scores(
+                qe,
+                qm,
+                multi,
+                None,
+                doc_chunk=s.maxsim_doc_chunk,
+                query_chunk=s.maxsim_query_chunk,
+                # fp16-stored chunks are upcast on CPU, where fp16 GEMMs are ~3× slower than fp32
+                dtype=self._store_dtype if self.device.type == "cuda" else torch.float32,
+                device=self.device,
+            )
+            search_ms = 1000.0 * (time.perf_counter() - t0) / n
+            runs[prefix + MULTI] = scores_to_run(qids, bench.corpus_ids, full, k=depth)
+            tokens = float(np.mean([t.shape[0] for t in multi])) if multi else 0.0
+            width = multi[0].shape[1] if multi else 0
+            timing[prefix + MULTI] = (
+                q_ms, search_ms, {"fp32": 4.0 * tokens * width, "fp16": 2.0 * tokens * width}
+            )  # fmt: skip
+
     def evaluate_set(
         self,
         info: SetInfo,
@@ -340,45 +428,20 @@ class BenchmarkRunner:
         )
         dense, multi, ms_page, cached = self.encode_corpus(bench, progress)
         result.corpus_ms_per_page, result.cached = ms_page, cached
-        qids, texts = bench.query_ids, bench.query_texts
+        qids = bench.query_ids
         qlangs = [x or "" for x in (bench.query_languages or [None] * len(qids))]
         lang_of = dict(zip(qids, qlangs, strict=True))
         qrels = bench.qrels
         depth = min(s.depth, len(bench.corpus_ids))
         runs: dict[str, Run] = {}
         timing: dict[str, tuple[float, float, dict[str, float]]] = {}
+        task = "composed-page" if info.kind == "composed" else "text-page"
+        images = bench.query_images if info.kind == "composed" else None
+        self._score_view(bench, dense, multi, qlangs, depth, runs, timing, task=task, images=images)
+        if self._text_view(info, bench):  # text query → page text, beside the page-image view
+            tdense, tmulti, _, _ = self.encode_corpus(bench, progress, as_text=True)
+            self._score_view(bench, tdense, tmulti, qlangs, depth, runs, timing, task="text-text")
         n = max(1, len(qids))
-
-        t0 = time.perf_counter()
-        q_full, qe, qm = self._encode_queries(list(texts), qlangs, dense is not None, multi is not None)
-        q_ms = 1000.0 * (time.perf_counter() - t0) / n  # one pass serves both retrievers
-        if dense is not None and q_full is not None:
-            for dim in self.dims_for(dense.shape[1]):
-                docs, qs = truncate(dense, dim), truncate(q_full, dim)
-                t0 = time.perf_counter()
-                scores, idx = self._dense_search(qs, docs, depth)
-                search_ms = 1000.0 * (time.perf_counter() - t0) / n
-                name = f"dense@{dim}"
-                runs[name] = topk_to_run(qids, bench.corpus_ids, scores, idx)
-                timing[name] = (q_ms, search_ms, {"fp32": 4.0 * dim, "fp16": 2.0 * dim})
-        if multi is not None and qe is not None:
-            t0 = time.perf_counter()
-            full = maxsim_scores(
-                qe,
-                qm,
-                multi,
-                None,
-                doc_chunk=s.maxsim_doc_chunk,
-                query_chunk=s.maxsim_query_chunk,
-                # fp16-stored chunks are upcast on CPU, where fp16 GEMMs are ~3× slower than fp32
-                dtype=self._store_dtype if self.device.type == "cuda" else torch.float32,
-                device=self.device,
-            )
-            search_ms = 1000.0 * (time.perf_counter() - t0) / n
-            runs[MULTI] = scores_to_run(qids, bench.corpus_ids, full, k=depth)
-            tokens = float(np.mean([t.shape[0] for t in multi])) if multi else 0.0
-            width = multi[0].shape[1] if multi else 0
-            timing[MULTI] = (q_ms, search_ms, {"fp32": 4.0 * tokens * width, "fp16": 2.0 * tokens * width})
 
         stats: dict[str, float] = {}
         if self.reranker is not None and runs:
@@ -398,12 +461,13 @@ class BenchmarkRunner:
             q_ms, search_ms, storage = timing[name]
             run_file = ""
             if out_dir is not None:
-                where = Path(out_dir) / "runs" / (info.suite or "_") / info.name / f"{name}.trec"
+                file = name.replace(":", "-")  # text:dense@64 → text-dense@64.trec
+                where = Path(out_dir) / "runs" / (info.suite or "_") / info.name / f"{file}.trec"
                 path = write_trec(run, where, f"m3dr-{name}")
                 run_file = str(path.relative_to(out_dir))
             result.retrievers[name] = RetrieverResult(
                 metrics=mean_metrics(per_query) if per_query else {},
-                per_language=_per_language(per_query, lang_of) if info.kind == "cross" else {},
+                per_language=_per_language(per_query, lang_of) if info.kind != "mono" else {},
                 query_ms=q_ms,
                 search_ms=search_ms,
                 bytes_per_doc=storage,
@@ -450,8 +514,10 @@ def summarise_suite(results: Sequence[SetResult]) -> dict[str, Any]:
             if r.kind == "mono" and name in r.retrievers
         }
         mono = {k: v for k, v in mono.items() if v}
+        composed = [r for r in results if r.kind == "composed" and name in r.retrievers]
         entry: dict[str, Any] = {
             "cross": cross[0].retrievers[name].metrics if cross else None,
+            "composed": composed[0].retrievers[name].metrics if composed else None,
             "cross_per_language": cross[0].retrievers[name].per_language if cross else {},
             "mono_mean": mean_over(mono, strict=False) if mono else None,
             "mono": mono,
@@ -469,10 +535,13 @@ def summarise_suite(results: Sequence[SetResult]) -> dict[str, Any]:
 
 
 def _retriever_order(name: str) -> tuple[int, int, str]:
-    if name.startswith("dense@"):
-        base = name.split("@", 1)[1].split("+", 1)[0]
-        return (0, int(base), name)
-    return (1, 0, name)
+    """Image view before text view; dense by width, then the multi-vector run."""
+    view = 2 if name.startswith(TEXT_VIEW_PREFIX) else 0
+    bare = name.removeprefix(TEXT_VIEW_PREFIX)
+    if bare.startswith("dense@"):
+        base = bare.split("@", 1)[1].split("+", 1)[0]
+        return (view, int(base), name)
+    return (view + 1, 0, name)
 
 
 def save_results(path: Path, payload: Mapping[str, Any]) -> Path:
@@ -503,6 +572,8 @@ def _row(name: str, e: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, A
         row[f"mono-mean {m}"] = (
             None if e["mono_mean"] is None else round(e["mono_mean"].get(m, float("nan")), 4)
         )
+        composed = e.get("composed")
+        row[f"composed {m}"] = None if composed is None else round(composed.get(m, float("nan")), 4)
     row["mono sets"] = e["mono_sets"]
     row["bytes/doc fp16"] = round(e["bytes_per_doc"].get("fp16", 0.0), 1)
     row["bytes/doc fp32"] = round(e["bytes_per_doc"].get("fp32", 0.0), 1)

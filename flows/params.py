@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from eval.build import HUB_ALIAS
 from tasks import languages
 from tasks.splits import DEFAULT_FRACTIONS
-from training.config import TrainConfig
+from training.config import PhaseSettings, TrainConfig
 
 if TYPE_CHECKING:
     from eval.evaluate import EvalSettings
@@ -95,6 +95,14 @@ class TrainParams(BaseModel):
     )
     config: TrainConfig = Field(
         default_factory=TrainConfig, description="Model, retriever and hyperparameters."
+    )
+    phases: list[PhaseSettings] = Field(
+        default_factory=list,
+        description=(
+            "Training phases in order, each from the previous one's weights, e.g. [{name: multimodal}, "
+            "{name: text, max_steps: 50, replay: 0.25}] (MM-Embed's continual text fine-tuning; empty: "
+            "one multimodal run)."
+        ),
     )
     benchmark: bool = Field(
         False, description="Then run `benchmark-nayana` on the trained retriever (held-out split of `data`)."

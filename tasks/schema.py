@@ -88,7 +88,23 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
-QUERY_KINDS: tuple[str, ...] = ("factual", "keyword", "paraphrase", "phrase", "summary")
+QUERY_KINDS: tuple[str, ...] = ("factual", "keyword", "paraphrase", "phrase", "summary", "composed")
+# A composed query (MM-Embed's text + image query) is an image crop of one page region kept as pixels
+# (a figure, table or formula) with a question about it; its positive is the page (every language of
+# the parallel group). Its crop rides in the queries / train shards' ``image`` / ``query_image`` column.
+COMPOSED_KIND = "composed"
+COMPOSED_LABELS: tuple[str, ...] = ("figure", "table", "formula")
+# Retrieval tasks, each with its own query instruction (training.config.PromptSettings.instructions):
+# a text query against page images, a composed (image + text) query against pages, a text query
+# against page text (continual text fine-tuning and the benchmark's text view).
+TASKS: tuple[str, ...] = ("text-page", "composed-page", "text-text")
+
+
+def task_of_kind(kind: str) -> str:
+    """The retrieval task a query of ``kind`` belongs to when its documents are pages."""
+    return "composed-page" if kind == COMPOSED_KIND else "text-page"
+
+
 # The kinds a queries stage asks for when its profile names none (the one default, used by every engine).
 DEFAULT_QUERY_KINDS: tuple[str, ...] = ("factual", "keyword", "paraphrase")
 SPLITS: tuple[str, ...] = ("train", "dev", "benchmark")
@@ -107,8 +123,15 @@ QUERIES_SCHEMA = pa.schema(
         ("split", pa.string()),  # one of SPLITS
         ("generator", pa.string()),  # engine:model that wrote the query
         ("prompt_version", pa.string()),  # version of assets/prompts/* used ('' for extractive)
+        ("image", IMAGE_TYPE),  # composed queries: the region crop (PNG); null for text queries
     ],
-    metadata={"m3dr.schema": "queries", "m3dr.schema_version": SCHEMA_VERSION},
+    metadata={
+        "m3dr.schema": "queries",
+        "m3dr.schema_version": SCHEMA_VERSION,
+        "huggingface": json.dumps(
+            {"info": {"features": {"image": {"_type": "Image"}}}}, separators=(",", ":")
+        ),
+    },
 )
 
 TRAIN_SCHEMA = pa.schema(
@@ -129,8 +152,15 @@ TRAIN_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("generator", pa.string()),
         ("prompt_version", pa.string()),
+        ("query_image", IMAGE_TYPE),  # composed queries: the region crop (PNG); null for text queries
     ],
-    metadata={"m3dr.schema": "train", "m3dr.schema_version": SCHEMA_VERSION},
+    metadata={
+        "m3dr.schema": "train",
+        "m3dr.schema_version": SCHEMA_VERSION,
+        "huggingface": json.dumps(
+            {"info": {"features": {"query_image": {"_type": "Image"}}}}, separators=(",", ":")
+        ),
+    },
 )
 
 
@@ -299,19 +329,22 @@ class QueryRecord:
     split: str
     generator: str
     prompt_version: str
+    image: dict[str, Any] | None = None  # IMAGE_TYPE value ({"bytes": PNG, "path": name}) or None
 
     def __post_init__(self) -> None:
         if self.kind not in QUERY_KINDS:
             raise ValueError(f"query kind {self.kind!r} is not one of {QUERY_KINDS}")
         if self.split not in SPLITS:
             raise ValueError(f"split {self.split!r} is not one of {SPLITS}")
+        if (self.kind == COMPOSED_KIND) != bool(self.image and self.image.get("bytes")):
+            raise ValueError("a composed query carries an image, and only a composed query does")
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> QueryRecord:
-        return cls(**{name: row[name] for name in QUERIES_SCHEMA.names})
+        return cls(**{name: row.get(name) for name in QUERIES_SCHEMA.names})
 
 
 @dataclass(frozen=True)
@@ -335,6 +368,7 @@ class TrainRecord:
     split: str
     generator: str
     prompt_version: str
+    query_image: dict[str, Any] | None = None  # composed queries' crop (IMAGE_TYPE value)
 
     def __post_init__(self) -> None:
         if len(self.negative_page_ids) != len(self.negative_scores):
@@ -347,7 +381,7 @@ class TrainRecord:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TrainRecord:
-        return cls(**{name: row[name] for name in TRAIN_SCHEMA.names})
+        return cls(**{name: row.get(name) for name in TRAIN_SCHEMA.names})
 
 
 # the typed rows and their schemas name the same columns in the same order
@@ -373,6 +407,16 @@ def pages_table(records: list[PageRecord]) -> pa.Table:
 
 def rejects_table(rejects: list[Reject]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in rejects], schema=REJECTS_SCHEMA)
+
+
+def image_value(png: bytes | None, name: str) -> dict[str, Any] | None:
+    """An ``IMAGE_TYPE`` cell (HF ``datasets`` Image layout) for PNG bytes, None for no image."""
+    return {"bytes": png, "path": f"{name}.png"} if png else None
+
+
+def image_bytes(cell: Any) -> bytes | None:
+    """The PNG bytes of an ``IMAGE_TYPE`` cell (None for a null cell)."""
+    return cell.get("bytes") if isinstance(cell, dict) else None
 
 
 def encode_png(image: Any) -> bytes:

@@ -25,7 +25,6 @@ transformers removed; passing ``key_mapping={}`` avoids it (done here; say so to
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from collections.abc import Sequence
@@ -37,7 +36,9 @@ import torch
 
 from tasks.encoders import PageView, l2_normalise
 from training.config import PromptSettings, TrainConfig
+from training.data import decode_image
 from training.export import merged_backbone, replace_dir
+from training.inference import left_pad_cat
 from training.model import HEADS_FILE
 
 M3DR_META_FILE = "m3dr_retriever.json"
@@ -90,6 +91,8 @@ def exportable(config: TrainConfig, hidden_model_type: str) -> list[str]:
         problems.append(f"prompts.query_augmentation_dense must be {want.query_augmentation_dense}")
     if config.multivector and p.query_augmentation_multi != want.query_augmentation_multi:
         problems.append(f"prompts.query_augmentation_multi must be {want.query_augmentation_multi}")
+    if p.instructions.get("text-page"):
+        problems.append("prompts.instructions['text-page'] must be empty (process_queries adds none)")
     if config.multivector and config.multivector_dim != COLPALI_MULTIVECTOR_DIM:
         problems.append(f"multivector_dim must be {COLPALI_MULTIVECTOR_DIM} (ColGemma3's projection)")
     return problems
@@ -208,14 +211,6 @@ def resolve_class(source: str, explicit: str | None = None) -> str:
     )
 
 
-def _image(png: bytes | None) -> Any:
-    from PIL import Image
-
-    if not png:
-        return Image.new("RGB", (448, 448), "white")
-    return Image.open(io.BytesIO(png)).convert("RGB")
-
-
 class ColpaliEncoder:
     """A colpali-engine retriever as an :class:`~tasks.encoders.Encoder` (``Bi*``: dense; ``Col*``:
     multi-vector, ``encode_*_multi`` returning ``(emb [n, L, D], mask [n, L])`` left padded)."""
@@ -293,10 +288,7 @@ class ColpaliEncoder:
     def _multi(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.multivector:
             raise ValueError(f"{self.model_id} is a dense model: it has no multi-vector embedding")
-        width = max(e.shape[1] for e, _ in parts)
-        emb = torch.cat([torch.nn.functional.pad(e, (0, 0, width - e.shape[1], 0)) for e, _ in parts])
-        mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=False) for _, m in parts])
-        return emb, mask
+        return left_pad_cat([e for e, _ in parts], [m for _, m in parts])
 
     def encode_queries(self, texts: list[str], langs: list[str]) -> np.ndarray:
         if len(texts) != len(langs):
@@ -304,14 +296,14 @@ class ColpaliEncoder:
         return self._dense(self._batches(texts, self.processor.process_queries))
 
     def encode_pages(self, pages: list[PageView]) -> np.ndarray:
-        images = [_image(p.image_png) for p in pages]
+        images = [decode_image(p.image_png, 448) for p in pages]
         return self._dense(self._batches(images, self.processor.process_images))
 
     def encode_queries_multi(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._multi(self._batches(texts, self.processor.process_queries))
 
     def encode_pages_multi(self, pages: list[PageView]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [_image(p.image_png) for p in pages]
+        images = [decode_image(p.image_png, 448) for p in pages]
         return self._multi(self._batches(images, self.processor.process_images))
 
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.schema import TASKS
+
 # Attention + MLP projections of the *language model* only (the SigLIP tower's modules are named
 # q_proj/k_proj/... too, hence the ``language_model`` anchor). peft full-matches a string as a regex.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -52,6 +54,15 @@ class PromptSettings(BaseModel):
     # prompt. Useful for the tiny profile, whose random vision tower at 64 px cannot read a page, and
     # as an ablation ("image + text" documents) at production size.
     doc_text: Literal["none", "region_text"] = "none"
+    instructions: dict[str, str] = Field(
+        default_factory=lambda: {
+            "text-page": "",
+            "composed-page": "Find the document page that shows this image and answers the question.",
+            "text-text": "Find the passage that answers the query.",
+        }
+    )
+    instruction_template: str = "Instruct: {instruction}\n"
+    text_document: str = "Document: {text}"
     max_query_tokens: int = 64
     max_doc_text_tokens: int = 256
     append_eos: bool | None = None  # plain: True (the pooled last token is ``<eos>``); chat: False
@@ -71,7 +82,23 @@ class PromptSettings(BaseModel):
             self.query_augmentation_multi = 0
         if "{image}" not in self.document:
             raise ValueError("prompts.document must contain {image}")
+        if "{text}" not in self.text_document:
+            raise ValueError("prompts.text_document must contain {text}")
+        unknown = sorted(set(self.instructions) - set(TASKS))
+        if unknown:
+            raise ValueError(f"prompts.instructions: unknown task(s) {unknown}; tasks are {list(TASKS)}")
+        self.instructions = {t: self.instructions.get(t, "") for t in TASKS}
         return self
+
+    def instruction(self, task: str) -> str:
+        """The prefix a query of ``task`` gets (empty when the task has no instruction)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+        text = self.instructions.get(task, "")
+        return self.instruction_template.format(instruction=text) if text else ""
+
+
+PHASES = ("multimodal", "text")
 
 
 class TrainConfig(BaseModel):
@@ -80,6 +107,15 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "recipe:gemma3-tiny"  # model source: recipe:<name> | hf:<repo> | local dir
+    # adapter + heads to start from (a previous phase's ``final/``); None: fresh LoRA and heads
+    init_from: str | None = None
+    # multimodal: train rows' queries against page images. text (MM-Embed's continual text fine-tuning):
+    # batches of text → text pairs (each train row's query against its page's region text, plus the
+    # ``text_sets``), with ``replay`` of the batches multimodal pairs as before.
+    phase: Literal["multimodal", "text"] = "multimodal"
+    replay: float = Field(0.25, ge=0.0, lt=1.0)
+    text_sets: list[str] = Field(default_factory=list)  # BEIR dirs (corpus.jsonl, queries.jsonl, qrels/)
+    text_from_pages: bool = True  # text phase: train rows against their page's region text
     retriever: Literal["dense", "multivector", "both"] = "dense"
     # dense (NetraEmbed-style): last-token pooled hidden state, Matryoshka prefixes of it.
     matryoshka_dims: list[int] = Field(default_factory=lambda: [16, 32, 64])  # production 768/1536/2560
@@ -140,6 +176,37 @@ class TrainConfig(BaseModel):
         """The fields that must match for a checkpoint to be resumed (not logging/resume knobs)."""
         skip = {"resume", "checkpoint_every", "keep_checkpoints", "log_every", "num_threads", "num_workers"}
         return self.model_dump(mode="json", exclude=skip)
+
+
+class PhaseSettings(BaseModel):
+    """One phase of a multi-phase ``train-netra`` run (``phases: [multimodal, text]``): its data mix and
+    steps; unset fields keep the run's ``TrainConfig``. Phase ``i`` starts from phase ``i-1``'s weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["multimodal", "text"]
+    max_steps: int | None = None
+    lr: float | None = None  # default: the run's lr; a text phase after another phase: a quarter of it
+    replay: float | None = Field(None, ge=0.0, lt=1.0)
+    text_sets: list[str] | None = None
+    warmup_steps: int | None = None
+
+    def config_for(self, base: TrainConfig, init_from: str | None) -> TrainConfig:
+        """The TrainConfig of this phase, continuing from ``init_from`` (None: the base model)."""
+        update: dict = {"phase": self.name, "init_from": init_from}
+        lr = self.lr
+        if lr is None and self.name == "text" and init_from is not None:
+            lr = base.lr / 4
+        for key, value in (
+            ("max_steps", self.max_steps),
+            ("lr", lr),
+            ("replay", self.replay),
+            ("text_sets", self.text_sets),
+            ("warmup_steps", self.warmup_steps),
+        ):
+            if value is not None:
+                update[key] = value
+        return TrainConfig.model_validate({**base.model_dump(), **update})
 
 
 class TrainResult(BaseModel):

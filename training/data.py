@@ -4,7 +4,11 @@
   bytes in the mapped file until a batch needs them (decoded lazily; the processor does the one resize).
 - :func:`batch_plan` orders one epoch: deterministic from ``(seed, epoch)`` only, so any micro-step can
   be rebuilt after a restart; length-bucketed (sorted inside windows of ``bucket_batches`` global
-  batches, then the batches are shuffled) to cut padding.
+  batches, then the batches are shuffled) to cut padding. Every batch is of one modality (text or
+  composed image + text queries; page-image or text-only documents), so one processor call builds it;
+  a text phase mixes in ``replay`` of its batches from the multimodal pairs.
+- :func:`text_pairs` / :func:`load_text_set`: MM-Embed's text → text pairs (a train row's query against
+  its page's region text; a BEIR-format text set).
 - :class:`Collator` turns one global batch into this rank's tensors: query inputs, document inputs
   (positives of the rank's queries, then their hard negatives) and, for the loss, the index of each
   query's positive in the *gathered* document list and a validity mask that removes pages of the
@@ -14,11 +18,12 @@
 from __future__ import annotations
 
 import io
+import json
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +32,7 @@ import torch
 from PIL import Image
 
 from tasks.encoders import PageView
+from tasks.schema import image_bytes, task_of_kind
 from tasks.shards import hash_id
 from training.config import PromptSettings
 
@@ -44,6 +50,19 @@ class TrainExample:
     positive_page_id: str
     source_page_id: str
     negative_page_ids: tuple[str, ...] = ()
+    kind: str = ""
+    query_image: bytes | None = None  # composed queries: the region crop (PNG)
+    doc_kind: Literal["image", "text"] = "image"  # documents seen as page images or as their text
+
+    @property
+    def task(self) -> str:
+        """``text-text`` for text documents, else ``text-page`` / ``composed-page`` by query kind."""
+        return "text-text" if self.doc_kind == "text" else task_of_kind(self.kind)
+
+    @property
+    def modality(self) -> tuple[bool, str]:
+        """(query has an image, document kind): batches never mix two modalities."""
+        return (self.query_image is not None, self.doc_kind)
 
 
 class PageStore:
@@ -71,14 +90,25 @@ class PageStore:
                 self._group.setdefault(pid, g)
                 self._text_len.setdefault(pid, int(n or 0))
 
+        self.text_docs: dict[str, PageView] = {}
+
+    def add_text_docs(self, docs: Iterable[PageView]) -> None:
+        """Text-only documents (a BEIR text set's passages) beside the pages; each is its own group."""
+        for d in docs:
+            if d.page_id in self.index:
+                raise ValueError(f"text document id {d.page_id!r} collides with a page id")
+            self.text_docs[d.page_id] = d
+            self._group[d.page_id] = d.source_page_id
+            self._text_len[d.page_id] = len(d.text)
+
     def __contains__(self, page_id: str) -> bool:
-        return page_id in self.index
+        return page_id in self.index or page_id in self.text_docs
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.index) + len(self.text_docs)
 
     def page_ids(self) -> list[str]:
-        return list(self.index)
+        return [*self.index, *self.text_docs]
 
     def group(self, page_id: str) -> str:
         return self._group[page_id]
@@ -87,6 +117,8 @@ class PageStore:
         return self._text_len[page_id]
 
     def get(self, page_id: str) -> PageView:
+        if page_id in self.text_docs:
+            return self.text_docs[page_id]
         t, row = self.index[page_id]
         rec = self.tables[t].slice(row, 1).to_pylist()[0]
         return PageView.from_row(rec)
@@ -117,11 +149,14 @@ def load_examples(
         "source_page_id",
         "negative_page_ids",
         "split",
+        "kind",
+        "query_image",
     ]
     out: list[TrainExample] = []
     dropped = 0
     for path in train_shards:
-        for r in pq.read_table(path, columns=cols).to_pylist():
+        names = set(pq.read_schema(path).names)  # shards written before composed queries lack query_image
+        for r in pq.read_table(path, columns=[c for c in cols if c in names]).to_pylist():
             if r["split"] not in splits:
                 continue
             if store is not None and r["positive_page_id"] not in store:
@@ -136,9 +171,64 @@ def load_examples(
                     r["positive_page_id"],
                     r["source_page_id"],
                     negs,
+                    kind=r.get("kind") or "",
+                    query_image=image_bytes(r.get("query_image")),
                 )
             )
     return out, dropped
+
+
+def text_pairs(examples: Sequence[TrainExample], store: PageStore) -> list[TrainExample]:
+    """MM-Embed's text → text pairs from our own pages: each text query (composed ones excluded) against
+    its positive page's region text, negatives read as text too; pages without text are skipped."""
+    out = []
+    for ex in examples:
+        if ex.query_image is not None or ex.doc_kind == "text" or store.text_len(ex.positive_page_id) == 0:
+            continue
+        negs = tuple(n for n in ex.negative_page_ids if store.text_len(n) > 0)
+        out.append(replace(ex, query_id=ex.query_id + ":text", negative_page_ids=negs, doc_kind="text"))
+    return out
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_text_set(root: str | Path, split: str = "train") -> tuple[list[PageView], list[TrainExample]]:
+    """A BEIR-format text set (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) as text
+    documents and text → text examples (one per relevant qrel). Ids are prefixed with the set's directory
+    name so they never collide with page ids. Only ``split``'s qrels are read: a test split never trains."""
+    root = Path(root)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    for need in (root / "corpus.jsonl", root / "queries.jsonl", qrels_path):
+        if not need.exists():
+            raise FileNotFoundError(f"text set {root}: {need.name} is missing (BEIR, qrels/{split}.tsv)")
+    ns = root.name
+    docs = [
+        PageView(
+            f"{ns}:{d['_id']}",
+            f"{ns}:{d['_id']}",
+            str(d.get("language") or ""),
+            " ".join(x for x in (d.get("title"), d.get("text")) if x),
+        )
+        for d in _jsonl(root / "corpus.jsonl")
+    ]
+    queries = {str(q["_id"]): q for q in _jsonl(root / "queries.jsonl")}
+    out = []
+    with qrels_path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            parts = line.rstrip("\n").split("\t")
+            if i == 0 and parts[0] in ("query-id", "query_id"):
+                continue
+            if len(parts) < 3 or float(parts[2]) <= 0 or parts[0] not in queries:
+                continue
+            q, doc = queries[parts[0]], f"{ns}:{parts[1]}"
+            lang = str(q.get("language") or "")
+            out.append(
+                TrainExample(f"{ns}:{parts[0]}:{parts[1]}", q["text"], lang, doc, doc, doc_kind="text")
+            )
+    return docs, out
 
 
 def batch_plan(
@@ -149,23 +239,42 @@ def batch_plan(
     epoch: int,
     bucket_batches: int,
     length: Any = None,
+    replay: float = 0.0,
 ) -> list[list[int]]:
-    """Example indices of every full global batch of ``epoch`` (the incomplete tail is dropped).
+    """Example indices of every full global batch of ``epoch`` (each modality's incomplete tail is
+    dropped).
 
-    Deterministic in (seed, epoch): shuffle, sort by ``length(example)`` inside windows of
-    ``bucket_batches`` batches, cut into batches, shuffle the batches.
+    Deterministic in (seed, epoch): per modality (:attr:`TrainExample.modality`), shuffle, sort by
+    ``length(example)`` inside windows of ``bucket_batches`` batches, cut into batches; then shuffle all
+    batches. With ``replay`` > 0 and text-document batches present (a text phase), the page-image batches
+    are a replay share: ``replay`` of the epoch's batches, drawn from them (cycled when too few).
     """
     rng = random.Random(int(hash_id("plan", seed, epoch, n=12), 16))
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    if bucket_batches > 1 and length is not None:
-        window = global_batch * bucket_batches
-        order = [
-            i
-            for start in range(0, len(order), window)
-            for i in sorted(order[start : start + window], key=lambda j: length(examples[j]))
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.modality, []).append(i)
+    by_kind: dict[str, list[list[int]]] = {"text": [], "image": []}
+    for key in sorted(groups):
+        order = groups[key]
+        rng.shuffle(order)
+        if bucket_batches > 1 and length is not None:
+            window = global_batch * bucket_batches
+            order = [
+                i
+                for start in range(0, len(order), window)
+                for i in sorted(order[start : start + window], key=lambda j: length(examples[j]))
+            ]
+        by_kind[key[1]] += [
+            order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)
         ]
-    batches = [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+    batches = by_kind["text"]
+    images = by_kind["image"]
+    if replay > 0 and batches and images:
+        rng.shuffle(images)
+        n = round(len(batches) * replay / (1.0 - replay))
+        batches = batches + [images[i % len(images)] for i in range(n)]
+    else:
+        batches = images + batches
     rng.shuffle(batches)
     return batches
 
@@ -231,19 +340,47 @@ class PromptFormatter:
         message = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=False)
 
-    def query_texts(self, queries: Sequence[str], augmentation: int | None = None) -> list[str]:
-        """Prompt strings; ``augmentation`` ``<eos>`` tokens follow the query text (default: the dense
-        head's count)."""
+    def query_texts(
+        self,
+        queries: Sequence[str],
+        augmentation: int | None = None,
+        *,
+        task: str = "text-page",
+        with_image: bool = False,
+    ) -> list[str]:
+        """Prompt strings: the task's instruction, the query template, ``augmentation`` ``<eos>`` tokens
+        after the query text (default: the dense head's count); ``with_image`` puts the image first."""
         n = self.prompts.query_augmentation_dense if augmentation is None else augmentation
         suffix = (self.tokenizer.eos_token or "") * int(n or 0)
         mx = self.prompts.max_query_tokens
-        texts = [self.prompts.query.format(query=self._truncate(q, mx) + suffix) for q in queries]
+        prefix = self.prompts.instruction(task)
+        texts = [prefix + self.prompts.query.format(query=self._truncate(q, mx) + suffix) for q in queries]
         if self.chat:
-            texts = [self._turn([{"type": "text", "text": t}]) for t in texts]
+            image = [{"type": "image"}] if with_image else []
+            texts = [self._turn([*image, {"type": "text", "text": t}]) for t in texts]
+        elif with_image:
+            texts = [self._image_token() + t for t in texts]
         return [t + self._eos() for t in texts]
 
+    def _image_token(self) -> str:
+        return self.processor.boi_token if hasattr(self.processor, "boi_token") else "<image>"
+
+    def _images(self, pngs: Sequence[bytes | None]) -> list[list[Image.Image]]:
+        return [[decode_image(png, self.image_side)] for png in pngs]
+
+    def _text_only(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.chat:  # the processor's text path, as colpali-engine's process_queries calls it
+            enc = self.processor(text=texts, padding="longest", return_tensors="pt")
+        else:
+            enc = self.tokenizer(texts, padding="longest", add_special_tokens=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _with_images(self, texts: list[str], pngs: Sequence[bytes | None]) -> dict[str, torch.Tensor]:
+        enc = self.processor(text=texts, images=self._images(pngs), padding="longest", return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
     def doc_texts(self, pages: Sequence[PageView]) -> list[str]:
-        image_token = self.processor.boi_token if hasattr(self.processor, "boi_token") else "<image>"
+        image_token = self._image_token()
         template = self.prompts.document or IMAGE_PLACEHOLDER
         out = []
         for p in pages:
@@ -263,33 +400,64 @@ class PromptFormatter:
             out.append(prompt + self._eos())
         return out
 
-    def queries(self, queries: Sequence[str], augmentation: int | None = None) -> dict[str, torch.Tensor]:
-        """Query inputs (``input_ids``, ``attention_mask``) with ``augmentation`` tokens (default: dense)."""
-        texts = self.query_texts(queries, augmentation)
-        if self.chat:  # the processor's text path, as colpali-engine's process_queries calls it
-            enc = self.processor(text=texts, padding="longest", return_tensors="pt")
-        else:
-            enc = self.tokenizer(texts, padding="longest", add_special_tokens=True, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    def text_doc_texts(self, pages: Sequence[PageView]) -> list[str]:
+        """Prompts of text-only documents (``prompts.text_document`` over the page / passage text)."""
+        out = []
+        for p in pages:
+            text = self._truncate(p.text or "", self.prompts.max_doc_text_tokens)
+            filled = self.prompts.text_document.replace("{text}", text)
+            prompt = self._turn([{"type": "text", "text": filled}]) if self.chat else filled
+            out.append(prompt + self._eos())
+        return out
 
-    def query_batch(self, queries: Sequence[str], *, dense: bool, multi: bool) -> dict[str, torch.Tensor]:
+    def queries(
+        self,
+        queries: Sequence[str],
+        augmentation: int | None = None,
+        *,
+        images: Sequence[bytes | None] | None = None,
+        task: str = "text-page",
+    ) -> dict[str, torch.Tensor]:
+        """Query inputs with ``augmentation`` tokens (default: dense); ``images`` (one PNG per query)
+        make them composed queries, the image going through the same processor as pages."""
+        texts = self.query_texts(queries, augmentation, task=task, with_image=images is not None)
+        return self._text_only(texts) if images is None else self._with_images(texts, images)
+
+    def query_batch(
+        self,
+        queries: Sequence[str],
+        *,
+        dense: bool,
+        multi: bool,
+        images: Sequence[bytes | None] | None = None,
+        task: str = "text-page",
+    ) -> dict[str, torch.Tensor]:
         """Inputs for the heads asked for: where the two heads augment queries differently, the
         multi-vector head's inputs ride along under ``multi_*`` keys (see ``RetrieverModel.embed``)."""
         p = self.prompts
+        kw: dict[str, Any] = {"images": images, "task": task}
         if not dense:
-            return self.queries(queries, p.query_augmentation_multi)
-        out = self.queries(queries, p.query_augmentation_dense)
+            return self.queries(queries, p.query_augmentation_multi, **kw)
+        out = self.queries(queries, p.query_augmentation_dense, **kw)
         if multi and p.query_augmentation_multi != p.query_augmentation_dense:
-            extra = self.queries(queries, p.query_augmentation_multi)
+            extra = self.queries(queries, p.query_augmentation_multi, **kw)
             out.update({MULTI_PREFIX + k: v for k, v in extra.items()})
         return out
 
     def documents(self, pages: Sequence[PageView]) -> dict[str, torch.Tensor]:
-        images = [[decode_image(p.image_png, self.image_side)] for p in pages]
-        enc = self.processor(
-            text=self.doc_texts(pages), images=images, padding="longest", return_tensors="pt"
-        )
-        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        """Document inputs: page images (+ region text per ``doc_text``), or, when every page is
+        text-only (no image), ``text_document`` prompts with no image. A batch never mixes the two."""
+        kinds = {p.kind for p in pages}
+        if kinds == {"text"}:
+            return self._text_only(self.text_doc_texts(pages))
+        if len(kinds) > 1:
+            raise ValueError("a document batch mixes page images and text-only documents")
+        return self._with_images(self.doc_texts(pages), [p.image_png for p in pages])
+
+
+def as_text(page: PageView) -> PageView:
+    """The page seen as its text only (continual text fine-tuning, the benchmark's text view)."""
+    return replace(page, image_png=None)
 
 
 class Collator:
@@ -353,8 +521,19 @@ class Collator:
             [[g is not None and g != e.source_page_id for g in doc_groups] for e in exs], dtype=torch.bool
         )
         pages = [self.store.get(p) for p in docs]
+        modality = {e.modality for e in exs}
+        if len(modality) != 1:
+            raise ValueError(f"a batch mixes query/document modalities {sorted(modality)}")
+        has_image, doc_kind = modality.pop()
+        if doc_kind == "text":
+            pages = [as_text(p) for p in pages]
         return Batch(
-            queries=self.formatter.query_batch([e.query for e in exs], **self.heads),
+            queries=self.formatter.query_batch(
+                [e.query for e in exs],
+                images=[e.query_image for e in exs] if has_image else None,
+                task=exs[0].task,
+                **self.heads,
+            ),
             docs=self.formatter.documents(pages),
             pos=pos,
             valid=valid,
@@ -370,7 +549,7 @@ def example_length(store: PageStore, prompts: PromptSettings):
 
     def length(ex: TrainExample) -> int:
         n = len(ex.query)
-        if with_text:
+        if with_text or ex.doc_kind == "text":
             n += min(store.text_len(ex.positive_page_id), 4 * prompts.max_doc_text_tokens)
         return n
 

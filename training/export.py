@@ -23,6 +23,7 @@ from training.model import (
     ADAPTER_DIR,
     FINAL_DIR,
     HEADS_FILE,
+    PHASES_DIR,
     RETRIEVER_FILE,
     load_backbone,
     load_processor,
@@ -30,10 +31,17 @@ from training.model import (
 
 
 def trained_dir(src: str | Path) -> Path:
-    """A train-netra output dir → its ``final/``; a ``final/`` or checkpoint dir as given."""
+    """A train-netra output dir → its ``final/`` (a phased run: its last phase's); a ``final/`` or
+    checkpoint dir as given."""
     src = Path(src)
     if not (src / RETRIEVER_FILE).exists() and (src / FINAL_DIR / RETRIEVER_FILE).exists():
         return src / FINAL_DIR
+    phases = sorted(
+        (p for p in (src / PHASES_DIR).glob("*-*") if (p / FINAL_DIR / RETRIEVER_FILE).exists()),
+        key=lambda p: int(p.name.split("-", 1)[0]) if p.name.split("-", 1)[0].isdigit() else -1,
+    )
+    if not (src / RETRIEVER_FILE).exists() and phases:
+        return phases[-1] / FINAL_DIR
     if not (src / RETRIEVER_FILE).exists():
         raise FileNotFoundError(f"{src} is not a train-netra output (no {RETRIEVER_FILE} in it or in final/)")
     return src

@@ -43,6 +43,29 @@ from training.model import (
 )
 
 
+def left_pad_cat(
+    embs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate left-padded multi-vector batches ``[b_i, L_i, D]`` (+ masks ``[b_i, L_i]``) into
+    ``[Σb, max L, D]``, padding each on the left so real tokens stay right-aligned."""
+    width = max(e.shape[1] for e in embs)
+    emb = torch.cat([torch.nn.functional.pad(e, (0, 0, width - e.shape[1], 0)) for e in embs])
+    mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=False) for m in masks])
+    return emb, mask
+
+
+def _kind_runs(pages: Sequence[PageView], size: int) -> list[list[PageView]]:
+    """Batches of at most ``size`` consecutive pages of one kind (image / text-only), in order: the
+    processor builds image and text-only documents in separate calls."""
+    out: list[list[PageView]] = []
+    for p in pages:
+        if out and len(out[-1]) < size and out[-1][-1].kind == p.kind:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
 def _retriever_for_inference(backbone: torch.nn.Module, config: TrainConfig) -> RetrieverModel:
     """The dense retriever over ``backbone`` (+ the multi-vector head when ``config`` has one)."""
     return RetrieverModel(
@@ -59,6 +82,8 @@ class VlmRetrieverEncoder:
     """A VLM retriever (dense and/or multi-vector) as an :class:`~tasks.encoders.Encoder`."""
 
     engine = "vlm-retriever"
+    multimodal_queries = True  # encode_queries takes composed queries' images and a task instruction
+    text_documents = True  # a PageView without an image is encoded from its text (the text view)
 
     def __init__(
         self,
@@ -172,25 +197,45 @@ class VlmRetrieverEncoder:
         return l2_normalise(np.concatenate(out, axis=0))
 
     def _query_batches(
-        self, texts: Sequence[str], *, dense: bool = True, multi: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        dense: bool = True,
+        multi: bool = False,
+        images: Sequence[bytes | None] | None = None,
+        task: str = "text-page",
     ) -> list[dict[str, torch.Tensor]]:
-        """Query inputs per batch, augmented for the heads asked for (``PromptFormatter.query_batch``)."""
+        """Query inputs per batch, augmented for the heads asked for (``PromptFormatter.query_batch``),
+        with the task's instruction; ``images`` (one PNG per query, all or none) make composed queries."""
+        if images is not None and (len(images) != len(texts) or not all(images)):
+            raise ValueError("composed queries need one image per query")
+        b = self.batch_size
         return [
-            self.formatter.query_batch(list(texts[i : i + self.batch_size]), dense=dense, multi=multi)
-            for i in range(0, len(texts), self.batch_size)
+            self.formatter.query_batch(
+                list(texts[i : i + b]),
+                dense=dense,
+                multi=multi,
+                images=None if images is None else list(images[i : i + b]),
+                task=task,
+            )
+            for i in range(0, len(texts), b)
         ]
 
     def _page_batches(self, pages: Sequence[PageView]) -> list[dict[str, torch.Tensor]]:
-        return [
-            self.formatter.documents(list(pages[i : i + self.batch_size]))
-            for i in range(0, len(pages), self.batch_size)
-        ]
+        return [self.formatter.documents(run) for run in _kind_runs(pages, self.batch_size)]
 
-    def encode_queries(self, texts: list[str], langs: list[str]) -> np.ndarray:
+    def encode_queries(
+        self,
+        texts: list[str],
+        langs: list[str],
+        *,
+        images: Sequence[bytes | None] | None = None,
+        task: str = "text-page",
+    ) -> np.ndarray:
         """``[n, dim]`` float32 unit rows (the query prompt template is language independent)."""
         if len(texts) != len(langs):
             raise ValueError(f"{len(texts)} texts but {len(langs)} langs")
-        return self._dense(self._query_batches(texts))
+        return self._dense(self._query_batches(texts, images=images, task=task))
 
     def encode_pages(self, pages: list[PageView]) -> np.ndarray:
         """``[n, dim]`` float32 unit rows from the page image (+ region text if the prompts say so)."""
@@ -212,22 +257,24 @@ class VlmRetrieverEncoder:
             dense.append(out["dense"][:, : self.dim].float().cpu().numpy())
             embs.append(out["multi"].float().cpu())
             masks.append(out["mask"].cpu())
-        width = max(e.shape[1] for e in embs)
-        emb = torch.cat([torch.nn.functional.pad(e, (0, 0, width - e.shape[1], 0)) for e in embs])
-        mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=False) for m in masks])
+        emb, mask = left_pad_cat(embs, masks)
         return l2_normalise(np.concatenate(dense, axis=0)), emb, mask
 
-    def encode_queries_both(self, texts: list[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    def encode_queries_both(
+        self, texts: list[str], *, images: Sequence[bytes | None] | None = None, task: str = "text-page"
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """``(dense [n, dim], multi [n, Lq, D], mask [n, Lq])`` from one pass over the queries."""
-        return self._both(self._query_batches(texts, multi=True))
+        return self._both(self._query_batches(texts, multi=True, images=images, task=task))
 
     def encode_pages_both(self, pages: list[PageView]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """``(dense [n, dim], multi [n, Ld, D], mask [n, Ld])`` from one pass over the pages."""
         return self._both(self._page_batches(pages))
 
-    def encode_queries_multi(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_queries_multi(
+        self, texts: list[str], *, images: Sequence[bytes | None] | None = None, task: str = "text-page"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[n, Lq, D]`` unit token vectors, ``[n, Lq]`` bool mask), left padded."""
-        return self._multi(self._query_batches(texts, dense=False, multi=True))
+        return self._multi(self._query_batches(texts, dense=False, multi=True, images=images, task=task))
 
     def encode_pages_multi(self, pages: list[PageView]) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[n, Ld, D]`` unit token vectors, ``[n, Ld]`` bool mask), left padded."""

@@ -16,7 +16,8 @@ from typing import Any
 
 from tasks.paths import REPO_ROOT
 from tasks.shards import Manifest
-from training.config import TrainConfig
+from training.config import PhaseSettings, TrainConfig
+from training.model import FINAL_DIR, PHASES_DIR
 from training.run import RunSpec, launch_command, write_spec
 
 # Lines of the training log worth forwarding to the flow's log (the rest stays in the tail on failure).
@@ -33,6 +34,24 @@ def resolve_nproc(gpus: int) -> int:
         return max(1, torch.cuda.device_count())
     except Exception:
         return 1
+
+
+def phase_plan(
+    out: str | Path, config: TrainConfig, phases: list[PhaseSettings]
+) -> list[tuple[str, Path, TrainConfig]]:
+    """``(label, run dir, config)`` per training run: the one run in ``out`` without phases, else phase
+    ``i`` in ``out/phases/<i>-<name>/`` starting from phase ``i-1``'s ``final/`` (resume stays per phase:
+    a killed run redoes no finished phase)."""
+    out = Path(out)
+    if not phases:
+        return [(config.retriever, out, config)]
+    plan = []
+    init = config.init_from
+    for i, phase in enumerate(phases):
+        run_dir = out / PHASES_DIR / f"{i}-{phase.name}"
+        plan.append((f"{i}-{phase.name}", run_dir, phase.config_for(config, init)))
+        init = str((run_dir / FINAL_DIR).resolve())
+    return plan
 
 
 def training_inputs(data: Path) -> tuple[list[Path], list[Path]]:

@@ -33,6 +33,7 @@ HEADS_FILE = "heads.safetensors"
 RETRIEVER_FILE = "retriever.json"
 ADAPTER_DIR = "adapter"
 FINAL_DIR = "final"  # train-netra's last adapter + heads, under the run directory
+PHASES_DIR = "phases"  # a phased train-netra run: <out>/phases/<i>-<name>/ (training.launch.phase_plan)
 
 
 def last_token_pool(hidden: torch.Tensor) -> torch.Tensor:

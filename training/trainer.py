@@ -41,6 +41,8 @@ from training.data import (
     batch_plan,
     example_length,
     load_examples,
+    load_text_set,
+    text_pairs,
 )
 from training.losses import InfoNCELoss, MatryoshkaLoss, colbert_loss
 from training.model import (
@@ -368,6 +370,20 @@ def _iter_batches(ds: _MicroBatches, num_workers: int) -> Iterator[Batch]:
     yield from loader
 
 
+def phase_text_examples(config: TrainConfig, examples: list, store: PageStore) -> list:
+    """A text phase's examples: text → text pairs (our pages' region text, the ``text_sets``) and, for
+    the ``replay`` share of batches, the multimodal examples."""
+    text = text_pairs(examples, store) if config.text_from_pages else []
+    for root in config.text_sets:
+        docs, pairs = load_text_set(root)
+        store.add_text_docs(docs)
+        text += pairs
+        log.info("text set %s: %d documents, %d pairs", root, len(docs), len(pairs))
+    if not text:
+        raise ValueError("phase 'text' has no text pairs: no page has region text and no text_sets given")
+    return text + (examples if config.replay > 0 else [])
+
+
 # ------------------------------------------------------------------------------------------ train
 
 
@@ -394,6 +410,8 @@ def train(
     examples, dropped = load_examples([Path(p) for p in train_shards], store, config.splits)
     if dropped:
         log.warning("%d train rows skipped: positive page not in the pages shards", dropped)
+    if config.phase == "text":
+        examples = phase_text_examples(config, examples, store)
     global_batch = config.batch_size * info.world_size
     length = example_length(store, config.prompts)
     plans: dict[int, list[list[int]]] = {}
@@ -408,6 +426,7 @@ def train(
                 epoch=epoch,
                 bucket_batches=config.bucket_batches,
                 length=length,
+                replay=config.replay if config.phase == "text" else 0.0,
             )
         return plans[epoch]
 
@@ -431,6 +450,9 @@ def train(
         config, base_model=str(model_dir), merged=False, hidden_size=hidden_size_of(model.backbone)
     )
 
+    if config.init_from:  # a previous phase's weights (a checkpoint of this run still wins below)
+        load_weights_into(model, Path(config.init_from))
+        log.info("initialised from %s", config.init_from)
     start, losses, resumed = 0, [], 0
     ckpt = latest_checkpoint(out_dir) if config.resume else None
     if ckpt is not None:

@@ -322,6 +322,7 @@ def mined_to_train_rows(
             split=q["split"],
             generator=q["generator"],
             prompt_version=q["prompt_version"],
+            query_image=q.get("image"),
         )
         rows.append(record.to_row())
     return rows

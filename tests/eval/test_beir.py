@@ -245,3 +245,28 @@ def test_hub_id_without_network_fails_with_a_clear_message(tmp_path: Path) -> No
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "could not load config 'corpus' of 'Cognitive-Lab/NayanaIR-CrossBench'" in res.stdout, res.stderr
     assert "local directory" in res.stdout
+
+
+def test_composed_query_images_round_trip_every_layout(bench: Benchmark, tmp_path: Path) -> None:
+    """Composed queries carry their crop: an HF Image ``image`` column in the queries config (Parquet,
+    readable by ``datasets``) and ``query-images/`` files in BEIR; text queries stay null."""
+    from dataclasses import replace
+
+    crops = [_png(9), None, _png(11), None]
+    composed = replace(bench, query_images=crops)
+    for out in (
+        write_parquet(composed, tmp_path / "flat"),
+        write_parquet(composed, tmp_path / "hf", layout="hf"),
+        write_beir(composed, tmp_path / "beir"),
+    ):
+        back = load_benchmark(out)
+        assert_same(composed, back)
+        assert back.query_images == crops
+        assert back.select_queries(["q2"]).query_images == [crops[2]]
+    schema = pq.read_schema(tmp_path / "flat" / "queries.parquet")
+    assert schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset(str(tmp_path / "hf"), "queries", split="test", cache_dir=str(tmp_path / "c"))
+    assert ds[0]["image"].size == (49, 30) and ds[1]["image"] is None
+    with pytest.raises(BenchmarkError, match="query_images has 1 rows"):
+        replace(bench, query_images=[_png(1)]).validate()

@@ -335,7 +335,10 @@ def test_vlm_retriever_sweeps_matryoshka_dims_and_scores_multivector(synth, tmp_
     )
     runner = BenchmarkRunner(enc, EvalSettings(dims=(16, 32, 100)), cache=EmbeddingCache(tmp_path / "c"))
     res = runner.evaluate_set(suite.sets[0], suite.load(suite.sets[0]), tmp_path / "out")
-    assert list(res.retrievers) == ["dense@16", "dense@32", "dense@64", "multivector"]  # 100 > width: skipped
+    image_view = ["dense@16", "dense@32", "dense@64", "multivector"]  # 100 > width: skipped
+    # beside the page-image view, the text view (text query → page text, text-only documents)
+    assert list(res.retrievers) == image_view + ["text:" + r for r in image_view]
+    assert res.retrievers["text:dense@64"].metrics != res.retrievers["dense@64"].metrics
     mv = res.retrievers["multivector"]
     assert mv.bytes_per_doc["fp32"] == 2 * mv.bytes_per_doc["fp16"] > 64 * 4  # tokens × 32-d × 4 B
     assert (tmp_path / "out" / mv.run_file).is_file()

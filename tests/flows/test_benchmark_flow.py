@@ -1,6 +1,7 @@
-"""`benchmark-nayana` end to end: synthesize (tiny profile) → train-netra → chained benchmark of the
-trained retriever on the held-out split, through Prefect, with the report, plots, TREC runs and the
-rejects table for sets that cannot be read."""
+"""`benchmark-nayana` end to end: synthesize (tiny profile) → train-netra in two phases (multimodal, then
+MM-Embed's continual text fine-tuning) → chained benchmark of each phase's retriever on the held-out
+split, through Prefect, with the report (image and text views, before and after the text phase), plots,
+TREC runs and the rejects table for sets that cannot be read."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ FRACTIONS = {"train": 0.5, "benchmark": 0.5}
 def trained(tmp_path_factory, tiny_models, prefect_harness):
     from flows.synthesize import SynthesizeParams, synthesize
     from flows.train import TrainParams, train_netra
-    from training.config import TrainConfig
+    from training.config import PhaseSettings, TrainConfig
 
     tmp = tmp_path_factory.mktemp("bench")
     src = tmp / "src"
@@ -47,11 +48,16 @@ def trained(tmp_path_factory, tiny_models, prefect_harness):
             data=str(tmp / "data"),
             out=str(tmp / "train"),
             config=TrainConfig(retriever="both", max_steps=3, batch_size=4, warmup_steps=1, num_threads=2),
+            phases=[PhaseSettings(name="multimodal"), PhaseSettings(name="text", max_steps=2)],
             benchmark=True,
             benchmark_options={"dims": [16, 32, 64]},
         )
     )
-    return {"tmp": tmp, "result": result, "out": tmp / "train" / "benchmark"}
+    return {"tmp": tmp, "result": result, "out": tmp / "train" / "benchmark" / "1-text"}
+
+
+IMAGE_VIEW = ["dense@16", "dense@32", "dense@64", "multivector"]
+TEXT_VIEW = ["text:" + v for v in IMAGE_VIEW]
 
 
 def test_train_netra_chains_the_benchmark_and_the_report_has_every_view(trained):
@@ -62,7 +68,7 @@ def test_train_netra_chains_the_benchmark_and_the_report_has_every_view(trained)
     results = json.loads((out / "results.json").read_text())
     assert results["encoder"]["engine"] == "vlm-retriever"
     summary = results["summary"]["heldout-benchmark"]
-    assert list(summary) == ["dense@16", "dense@32", "dense@64", "multivector"]  # Matryoshka sweep + multi
+    assert list(summary) == IMAGE_VIEW + TEXT_VIEW  # Matryoshka sweep + multi, over images and over text
     for e in summary.values():
         assert 0.0 <= e["cross"]["ndcg@5"] <= 1.0 and 0.0 <= e["mono_mean"]["ndcg@5"] <= 1.0
         assert e["mono_sets"] == 3  # en, hi, zh
@@ -80,8 +86,31 @@ def test_train_netra_chains_the_benchmark_and_the_report_has_every_view(trained)
     table = Artifact.get("benchmark-nayana-summary")
     assert table is not None and "dense@64" in str(table.data)
     runs = sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*.trec"))
-    assert "runs/heldout-benchmark/crossbench/multivector.trec" in runs and len(runs) == 4 * 4
+    assert "runs/heldout-benchmark/crossbench/multivector.trec" in runs and len(runs) == 4 * 8
+    assert "runs/heldout-benchmark/crossbench/text-dense@64.trec" in runs
     assert pq.read_table(out / "rejects.parquet").num_rows == 0
+
+
+def test_phases_train_in_order_and_the_report_compares_them(trained):
+    """Phase 1 (text) starts from phase 0's weights; each phase is benchmarked; phases.md compares
+    the image and text views after the text phase with the multimodal phase's."""
+    from prefect.artifacts import Artifact
+
+    result = trained["result"]
+    assert [p["phase"] for p in result["phases"]] == ["0-multimodal", "1-text"]
+    assert [p["steps"] for p in result["phases"]] == [3, 2]
+    train = trained["tmp"] / "train"
+    spec = json.loads((train / "phases" / "1-text" / "spec.json").read_text())["config"]
+    assert spec["phase"] == "text" and spec["init_from"] == str(
+        (train / "phases" / "0-multimodal" / "final").resolve()
+    )
+    assert result["final_dir"] == str(train / "phases" / "1-text" / "final")
+    report = (train / "benchmark" / "phases.md").read_text()
+    assert result["benchmark"]["phases_report"] == str(train / "benchmark" / "phases.md")
+    for needle in ("0-multimodal", "1-text", "| text:dense@64 |", "| dense@64 |", "Δ cross vs 0-multimodal"):
+        assert needle in report
+    assert Artifact.get("train-netra-phases") is not None
+    assert Artifact.get("train-netra-loss-curve-1-text") is not None
 
 
 def test_the_written_suite_loads_back(trained):

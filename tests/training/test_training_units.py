@@ -160,3 +160,55 @@ def test_torch_load_only_with_weights_only() -> None:
     for path in (REPO / "training").rglob("*.py"):
         for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
             assert "weights_only=True" in call, f"{path.name}: {call}"
+
+
+def test_composed_queries_carry_their_image_and_instruction(tmp_path: Path, tiny_dir: Path) -> None:
+    """A composed query (crop + question) goes through the processor's image path like a page: its
+    inputs hold one image's tokens and pixel values; the task's instruction leads the text; a batch of
+    composed queries is embedded by the same model as text queries and the image changes the vector."""
+    import io
+
+    from PIL import Image
+
+    from tasks.schema import encode_png
+    from training.config import PromptSettings, TrainConfig
+    from training.data import Collator, PageStore, PromptFormatter, TrainExample
+    from training.model import build_retriever, load_processor
+
+    proc = load_processor(tiny_dir)
+    prompts = PromptSettings()
+    fmt = PromptFormatter(proc, prompts)
+    red, blue = (encode_png(Image.new("RGB", (90, 60), c)) for c in ("red", "blue"))
+    assert Image.open(io.BytesIO(red)).size == (90, 60)
+    text = fmt.queries(["what does the chart show"], task="text-page")
+    comp = fmt.queries(["what does the chart show"] * 2, images=[red, blue], task="composed-page")
+    assert "pixel_values" in comp and comp["pixel_values"].shape[0] == 2 and "pixel_values" not in text
+    n_image = proc.tokenizer.convert_tokens_to_ids("<image_soft_token>")  # Gemma-3's per-patch token
+    per_image = int(proc.image_seq_length)
+    assert [int((row == n_image).sum()) for row in comp["input_ids"]] == [per_image, per_image]
+    prompt = fmt.query_texts(["q"], task="composed-page", with_image=True)[0]
+    assert prompts.instructions["composed-page"] in prompt and prompt.index("Instruct:") < prompt.index(
+        "Query:"
+    )
+    assert "Instruct:" not in fmt.query_texts(["q"])[0]  # text → page stays NetraEmbed's exact prompt
+
+    model = build_retriever(tiny_dir, TrainConfig(retriever="both"), for_training=False).eval()
+    with torch.no_grad():
+        out = model.embed(comp)
+    assert out["dense"].shape[0] == 2 and not torch.allclose(out["dense"][0], out["dense"][1])
+
+    from tests.support.toy_corpus import build_toy_corpus
+
+    corpus = build_toy_corpus(tmp_path / "c", n_pages=4, train_spans=1, eval_spans=1)
+    store = PageStore([corpus.pages_shard])
+    ids = store.page_ids()
+    exs = [
+        TrainExample("c0", "chart", "en", ids[0], store.group(ids[0]), kind="composed", query_image=red),
+        TrainExample("c1", "table", "en", ids[1], store.group(ids[1]), kind="composed", query_image=blue),
+        TrainExample("t0", "words", "en", ids[2], store.group(ids[2]), kind="phrase"),
+    ]
+    collate = Collator(fmt, store, exs, num_negatives=0, seed=0, dense=True, multi=True)
+    batch = collate([0, 1], 0)
+    assert batch.queries["pixel_values"].shape[0] == 2 and "pixel_values" in batch.docs
+    with pytest.raises(ValueError, match="mixes"):
+        collate([0, 2], 0)
