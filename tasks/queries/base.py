@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from tasks.schema import DEFAULT_QUERY_KINDS, PageRecord, Reject
+from tasks.schema import DEFAULT_QUERY_KINDS, PageRecord, Region, Reject
 
 STAGE = "queries"
 
@@ -16,7 +16,11 @@ DEFAULT_KINDS = DEFAULT_QUERY_KINDS
 # ---------------------------------------------------------------------------- data types
 @dataclass(frozen=True)
 class QueryRequest:
-    """Ask for ``n`` queries of each of ``kinds`` about one page, written in ``query_lang``."""
+    """Ask for ``n`` queries of each of ``kinds`` about one page, written in ``query_lang``.
+
+    ``regions`` (the page's layout regions: label, bbox in page-image pixels, text, rendered) and
+    ``image_png`` are what kind ``composed`` crops its figures, tables and formulas from.
+    """
 
     page_id: str
     lang: str  # the page's language (ISO 639-1)
@@ -25,6 +29,7 @@ class QueryRequest:
     kinds: tuple[str, ...] = DEFAULT_KINDS
     n: int = 1
     query_lang: str = ""  # '' → the page's language (monolingual)
+    regions: tuple[Region, ...] = ()
 
     @property
     def out_lang(self) -> str:
@@ -33,7 +38,7 @@ class QueryRequest:
 
 @dataclass(frozen=True)
 class GeneratedQuery:
-    """One query an engine wrote for one page."""
+    """One query an engine wrote for one page (kind ``composed``: with the region crop it asks about)."""
 
     query: str
     query_lang: str
@@ -41,6 +46,7 @@ class GeneratedQuery:
     page_id: str
     generator: str  # engine:model
     prompt_version: str
+    image_png: bytes | None = None  # composed queries: the crop (PNG); None for text queries
 
 
 @dataclass(frozen=True)

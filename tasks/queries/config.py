@@ -12,12 +12,23 @@ from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE
 from tasks.queries.base import DEFAULT_KINDS
 
 
+class ComposedConfig(StrictModel):
+    """``[queries.composed]``: which page regions become composed (crop + question) queries, and how
+    the crops are cut (see ``tasks.queries.composed``)."""
+
+    min_side: int = Field(default=32, ge=1)  # px: both sides of the region box at least this
+    min_area_share: float = Field(default=0.01, ge=0.0, le=1.0)  # region box area / page area
+    max_side: int = Field(default=896, ge=1)  # px: longer crops are downscaled (aspect ratio kept)
+    margin: int = Field(default=8, ge=0)  # px around the box, never reaching into another region
+
+
 class QueriesStage(StrictModel):
     """Keys of ``[queries]`` every engine shares: which kinds, how many per kind, the filter table."""
 
     kinds: tuple[str, ...] = DEFAULT_KINDS
-    n: int = 1
+    n: int = 1  # queries per kind and page; composed: up to n regions per page, one query each
     filter: dict[str, Any] | None = None  # FilterConfig fields (checked on their own)
+    composed: ComposedConfig = ComposedConfig()
 
 
 class ExtractiveConfig(QueriesStage):
@@ -33,6 +44,7 @@ class VllmQueriesConfig(QueriesStage, EndpointConfig):
 
     engine: Literal["vllm"] = "vllm"
     prompt: str = "queries_v1"
+    composed_prompt: str = "composed_v1"  # prompt of kind "composed" (one question about a region crop)
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int | None = None

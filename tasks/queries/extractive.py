@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import regex
 
 from tasks.queries.base import STAGE, GeneratedQuery, QueryRequest
+from tasks.queries.composed import pick_composed
+from tasks.queries.config import ComposedConfig
 from tasks.queries.text import (
     _EN_STOPWORDS,
     _LETTER_RUN_RE,
@@ -19,7 +22,7 @@ from tasks.queries.text import (
     sentences,
     strip_instructions,
 )
-from tasks.schema import Reject, RejectReason
+from tasks.schema import COMPOSED_KIND, Reject, RejectReason
 from tasks.shards import hash_id
 
 
@@ -29,7 +32,8 @@ def _seed(*parts: Any) -> int:
 
 
 class ExtractiveQueryGenerator:
-    """Deterministic queries from spans of the page's own text (kinds ``keyword`` and ``phrase``).
+    """Deterministic queries from spans of the page's own text (kinds ``keyword``, ``phrase``, and
+    ``composed``: a region crop with a span of its caption or nearest text, in the page's language).
 
     Instruction-like sentences are removed before any span is chosen, so an injected sentence never
     becomes a query and never shifts the choice: a page with an injection gives exactly the queries of
@@ -39,19 +43,28 @@ class ExtractiveQueryGenerator:
     name = "extractive"
     model_id = "spans-v1"
     prompt_version = ""
-    supported_kinds: tuple[str, ...] = ("keyword", "phrase")
+    supported_kinds: tuple[str, ...] = ("keyword", "phrase", COMPOSED_KIND)
 
-    def __init__(self, *, keywords: tuple[int, int] = (2, 4), phrase_units: tuple[int, int] = (4, 8)):
+    def __init__(
+        self,
+        *,
+        keywords: tuple[int, int] = (2, 4),
+        phrase_units: tuple[int, int] = (4, 8),
+        composed: ComposedConfig | None = None,
+    ):
         self.keywords = keywords
         self.phrase_units = phrase_units
+        self.composed = composed or ComposedConfig()
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ExtractiveQueryGenerator:
-        kw = {}
+        kw: dict[str, Any] = {}
         if "keywords" in cfg:
             kw["keywords"] = tuple(cfg["keywords"])
         if "phrase_units" in cfg:
             kw["phrase_units"] = tuple(cfg["phrase_units"])
+        if "composed" in cfg:
+            kw["composed"] = ComposedConfig.model_validate(cfg["composed"])
         return cls(**kw)
 
     @property
@@ -83,15 +96,38 @@ class ExtractiveQueryGenerator:
                     made += [(kind, q) for q in self._keywords(req, text)]
                 elif kind == "phrase":
                     made += [(kind, q) for q in self._phrases(req, text)]
-            if not made and any(k in self.supported_kinds for k in req.kinds):
+            if not made and any(k in ("keyword", "phrase") for k in req.kinds):
                 rejects.append(
                     Reject(STAGE, req.page_id, RejectReason.QUERY_GENERATION_FAILED,
                            "no usable text on the page", lang=req.lang)
                 )  # fmt: skip
             out += [GeneratedQuery(q, req.lang, kind, req.page_id, self.generator, "") for kind, q in made]
+            if COMPOSED_KIND in req.kinds:  # most pages have no figure: no composed query, no reject
+                out += self._composed(req, text)
         return out, rejects
 
-    def _keywords(self, req: QueryRequest, text: str) -> list[str]:
+    def _composed(self, req: QueryRequest, page_text: str) -> list[GeneratedQuery]:
+        """One query per picked region (up to ``n``): a phrase (else keywords) of the region's caption or
+        nearest text, else of the page text, with the region crop as its image."""
+        out = []
+        for region in pick_composed(req.image_png, req.regions, req.lang, req.n, self.composed):
+            one = replace(req, n=1)
+            salt = f"{COMPOSED_KIND}:{region.index}"
+            query = ""
+            for text in dict.fromkeys((strip_instructions(region.context), page_text)):
+                found = self._phrases(one, text, salt) or self._keywords(one, text, salt)
+                if found:
+                    query = found[0]
+                    break
+            if query:
+                out.append(
+                    GeneratedQuery(
+                        query, req.lang, COMPOSED_KIND, req.page_id, self.generator, "", region.png
+                    )
+                )
+        return out
+
+    def _keywords(self, req: QueryRequest, text: str, salt: str = "keyword") -> list[str]:
         """Frequent, long, non-stopword words (letter n-grams for zh/ja/th), 2–4 per query."""
         if _uses_words(req.lang):
             words = [w for w in _WORD_RE.findall(text) if _LETTER_RUN_RE.search(w)]
@@ -119,7 +155,7 @@ class ExtractiveQueryGenerator:
         for i in range(req.n * 3):  # a few extra tries: different windows may coincide on short pages
             if len(queries) >= req.n:
                 break
-            rng = random.Random(_seed(req.page_id, "keyword", i))
+            rng = random.Random(_seed(req.page_id, salt, i))
             k = min(len(ranked), rng.randint(*self.keywords))
             pick = sorted(rng.sample(range(len(ranked)), k))
             q = " ".join(first[ranked[j]] for j in pick)
@@ -127,7 +163,7 @@ class ExtractiveQueryGenerator:
                 queries.append(q)
         return queries
 
-    def _phrases(self, req: QueryRequest, text: str) -> list[str]:
+    def _phrases(self, req: QueryRequest, text: str, salt: str = "phrase") -> list[str]:
         """Contiguous spans of 4–8 words (8–16 letters for zh/ja/th) of one sentence, as written."""
         factor = 1 if _uses_words(req.lang) else 2
         lo, hi = self.phrase_units[0] * factor, self.phrase_units[1] * factor
@@ -141,7 +177,7 @@ class ExtractiveQueryGenerator:
         for i in range(req.n * 3):
             if len(queries) >= req.n or not sents:
                 break
-            rng = random.Random(_seed(req.page_id, "phrase", i))
+            rng = random.Random(_seed(req.page_id, salt, i))
             sent, spans = sents[rng.randrange(len(sents))]
             length = min(len(spans), rng.randint(lo, hi))
             start = rng.randrange(len(spans) - length + 1)

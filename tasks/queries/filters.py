@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -36,7 +37,12 @@ class FilterConfig:
     max_copy_units: int = 8  # longest run copied verbatim from the page (words; letters/2 for zh/ja/th)
     max_copy_share: float = 0.8  # … or this share of a query of >= 4 units
     copy_exempt_kinds: tuple[str, ...] = ("keyword", "phrase")  # extractive by definition
-    dedup: bool = True  # one query text per language across the batch (same text, two pages: ambiguous)
+    # engines (generator "<engine>:<model>") whose queries are spans of the page by design, whatever the
+    # kind: the extractive engine's composed queries are a caption span beside a crop
+    copy_exempt_engines: tuple[str, ...] = ("extractive",)
+    # one query text per language across the batch (same text, two pages: ambiguous); a composed query
+    # is keyed on its text and its crop (same question about two different crops: two queries)
+    dedup: bool = True
     language_id: str = "langid"  # "script": the script check only; "langid": also langid.py (same-script)
     langid_min_confidence: float = 0.95  # drop when another same-script language has this probability
     langid_min_units: float = 4.0  # shorter queries (keywords: ambiguous) are judged by script only
@@ -54,7 +60,7 @@ class FilterConfig:
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> FilterConfig:
         cfg = dict(cfg or {})
-        for key in ("copy_exempt_kinds", "langid_scripts"):
+        for key in ("copy_exempt_kinds", "copy_exempt_engines", "langid_scripts"):
             if key in cfg:
                 cfg[key] = tuple(cfg[key])
         return cls(**cfg)
@@ -186,8 +192,8 @@ def check_query(
                 RejectReason.QUERY_WRONG_LANGUAGE,
                 f"{other[0]} {other[1]} marker words, none of {lang.iso}",
             )
-    # 4. verbatim copy (generative kinds only)
-    if q.kind not in cfg.copy_exempt_kinds:
+    # 4. verbatim copy (generative kinds of generative engines only)
+    if q.kind not in cfg.copy_exempt_kinds and q.generator.split(":", 1)[0] not in cfg.copy_exempt_engines:
         q_toks = tokens(text, lang.iso)
         run = _longest_common_run(q_toks, facts)
         factor = 1 if _uses_words(lang.iso) else 2
@@ -205,7 +211,7 @@ def filter_queries(
     cfg = cfg or FilterConfig()
     kept: list[GeneratedQuery] = []
     rejects: list[Reject] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     facts: dict[tuple[str, str], _PageFacts] = {}
     for q in queries:
         page_text = page_texts.get(q.page_id, "")
@@ -217,9 +223,11 @@ def filter_queries(
         except languages.UnknownLanguageError as exc:
             verdict = (RejectReason.QUERY_WRONG_LANGUAGE, str(exc))
         if verdict is None and cfg.dedup:
-            dkey = (q.query_lang, normalize(q.query))
+            crop = hashlib.sha256(q.image_png).hexdigest() if q.image_png else ""
+            dkey = (q.query_lang, normalize(q.query), crop)
             if dkey in seen:
-                verdict = (RejectReason.QUERY_DUPLICATE, "same query text already kept for this language")
+                what = "query text and crop" if crop else "query text"
+                verdict = (RejectReason.QUERY_DUPLICATE, f"same {what} already kept for this language")
             seen.add(dkey)
         if verdict is None:
             kept.append(q)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from tasks.queries.base import (
     QueryRequest,
 )
 from tasks.queries.filters import FilterConfig, filter_queries
-from tasks.schema import QUERY_KINDS, PageRecord, QueryRecord, Reject
+from tasks.schema import COMPOSED_KIND, QUERY_KINDS, PageRecord, QueryRecord, Reject, image_value
 from tasks.shards import hash_id
 
 
@@ -60,15 +61,21 @@ def cross_lingual_pairs(
 
 
 def query_id(q: GeneratedQuery, page_id: str) -> str:
-    return hash_id(q.query, q.query_lang, page_id, q.generator, q.prompt_version)
+    """Content hash of the query; a composed query's also covers its crop (same question, two crops:
+    two queries). Text queries keep the ids they always had."""
+    parts = [q.query, q.query_lang, page_id, q.generator, q.prompt_version]
+    if q.image_png:
+        parts.append(hashlib.sha256(q.image_png).hexdigest())
+    return hash_id(*parts)
 
 
 def query_rows(pairs: Iterable[PairedQuery], split_of: Callable[[str], str]) -> list[dict[str, Any]]:
     """Rows of :class:`tasks.schema.QueryRecord` (``QUERIES_SCHEMA``'s columns); ``split_of(source_id)``
     decides the split.
 
-    ``query_id`` is a content hash of (query, query_lang, positive page_id, generator, prompt_version);
-    a repeated id is written once.
+    ``query_id`` is a content hash of (query, query_lang, positive page_id, generator, prompt_version,
+    + the crop's sha256 for composed queries); a repeated id is written once. A composed query's crop
+    goes in the ``image`` cell (the same pixels for every positive: figures are never re-rendered).
     """
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -93,6 +100,7 @@ def query_rows(pairs: Iterable[PairedQuery], split_of: Callable[[str], str]) -> 
             split=split_of(p.page.source_id),
             generator=q.generator,
             prompt_version=q.prompt_version,
+            image=image_value(q.image_png, qid) if q.kind == COMPOSED_KIND else None,
         )
         rows.append(record.to_row())
     return rows
@@ -101,9 +109,19 @@ def query_rows(pairs: Iterable[PairedQuery], split_of: Callable[[str], str]) -> 
 def requests_for_pages(
     pages: Iterable[PageRecord], kinds: Sequence[str] = DEFAULT_KINDS, n: int = 1, *, with_image: bool = True
 ) -> list[QueryRequest]:
-    """One monolingual request per page (the page's text, its image when ``with_image``)."""
+    """One monolingual request per page: its text and regions, its image when ``with_image`` or when
+    ``composed`` is asked for (the crops are cut from it, whatever the engine)."""
+    image = with_image or COMPOSED_KIND in kinds
     return [
-        QueryRequest(p.page_id, p.lang, p.text, p.image_png if with_image else None, tuple(kinds), n)
+        QueryRequest(
+            p.page_id,
+            p.lang,
+            p.text,
+            p.image_png if image else None,
+            tuple(kinds),
+            n,
+            regions=tuple(p.regions),
+        )
         for p in pages
     ]
 

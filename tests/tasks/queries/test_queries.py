@@ -29,7 +29,7 @@ from tasks.queries.text import (
     strip_instructions,
 )
 from tasks.queries.vllm import VllmQueryGenerator, parse_reply
-from tasks.schema import QUERIES_SCHEMA, QUERY_KINDS, PageRecord, Region, RejectReason
+from tasks.schema import COMPOSED_KIND, QUERIES_SCHEMA, QUERY_KINDS, PageRecord, Region, RejectReason
 from tasks.splits import assign_split
 
 CLEAN = (
@@ -360,7 +360,10 @@ def test_prompt_is_versioned():
     p = load_prompt("queries_v1")
     assert p.version.startswith("queries-v1+") and len(p.version.split("+")[1]) == 8
     assert _vllm().prompt_version == p.version
-    assert set(QUERY_KINDS) <= set(p.kinds)
+    # composed queries have a prompt of their own (one question about a region crop)
+    assert set(QUERY_KINDS) - {COMPOSED_KIND} <= set(p.kinds)
+    c = load_prompt("composed_v1")
+    assert c.version.startswith("composed-v1+") and _vllm().composed_prompt.version == c.version
 
 
 # ---------------------------------------------------------------------------- config and secrets

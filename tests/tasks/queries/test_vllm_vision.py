@@ -23,11 +23,12 @@ from PIL import Image
 from tasks.config import ProfileError
 from tasks.llm.client import ChatEndpoint
 from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE, ImageError, fit_png, fitted_size
-from tasks.queries.base import QueryRequest
+from tasks.queries.base import PageRef, PairedQuery, QueryRequest
 from tasks.queries.engines import build_query_generator
 from tasks.queries.filters import filter_queries
+from tasks.queries.pairing import query_rows
 from tasks.queries.vllm import VllmQueryGenerator
-from tasks.schema import RejectReason
+from tasks.schema import COMPOSED_KIND, Region, RejectReason, image_bytes
 
 API_KEY = "sk-m3dr-vision-test-51c2"
 PAGE_TEXT = "Annual report 2023. The Northern Railway Company carried 4.2 million passengers. Freight rose."
@@ -233,3 +234,50 @@ def test_oversized_images_are_downscaled_and_accepted(vision_cfg, vlm_server):
     assert sorted(q.page_id for q in out) == ["huge", "wide"]
     kept, dropped = filter_queries(out, {r.page_id: r.text for r in reqs})
     assert len(kept) + len(dropped) == len(out) and {d.reason for d in dropped} <= QUERY_REASONS
+
+
+def test_composed_query_sends_the_region_crop(vision_cfg, vlm_server):
+    """Kind ``composed``: one request per picked region carrying its crop (not the page) and its caption;
+    the server tokenises the crop (prompt tokens with and without it differ by exactly one image's tokens)
+    and the reply becomes a composed query whose image is the crop, written into the row's image cell."""
+    per_image, seq_len = image_tokens_per_image(vlm_server.model_dir)
+    caption = "Figure 1: Passengers carried by the Northern Railway Company per year."
+    regions = (
+        Region("figure", (40, 60, 600, 380), 0.9, "2021 2022 2023", False, False),
+        Region("caption", (40, 390, 600, 420), 0.9, caption, True, False),
+        Region("text", (40, 440, 600, 600), 0.9, PAGE_TEXT, True, False),
+    )
+    req = QueryRequest(
+        "c1", "en", f"{caption}\n\n{PAGE_TEXT}", image_png=_png(640, 640), kinds=(COMPOSED_KIND,),
+        regions=regions,
+    )  # fmt: skip
+    gen = build_query_generator(vision_cfg)
+    (region,) = gen.composed_regions(req)
+    assert region.label == "figure" and region.box == (32, 52, 608, 388)  # 8 px margin
+    body = gen.composed_request_body(req, region)
+    parts = body["messages"][1]["content"]
+    url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+    assert base64.b64decode(url.split(",", 1)[1]) == region.png  # the crop, not the page
+    assert caption in next(p["text"] for p in parts if p["type"] == "text")
+    headers = {"Authorization": f"Bearer {vlm_server.api_key}"}
+
+    def prompt_tokens(b: dict) -> tuple[int, list[int]]:
+        b = b | {"return_token_ids": True, "max_tokens": 1}
+        r = httpx.post(f"{vlm_server.base_url}/chat/completions", json=b, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text[:300]
+        return r.json()["usage"]["prompt_tokens"], r.json()["prompt_token_ids"]
+
+    text_only = json.loads(json.dumps(body))
+    text_only["messages"][1]["content"] = [p for p in parts if p["type"] == "text"]
+    with_crop, ids = prompt_tokens(body)
+    without, _ = prompt_tokens(text_only)
+    image_id = json.loads((vlm_server.model_dir / "config.json").read_text())["image_token_id"]
+    assert with_crop - without == per_image and ids.count(image_id) == seq_len
+    out, rejects = gen.generate_with_rejects([req])
+    assert rejects == [] and gen.stats.http_calls == 1 and gen.stats.crops_sent == 1
+    assert gen.stats.images_sent == 0 and gen.stats.prompt_tokens == with_crop  # no page-image request
+    (q,) = out
+    assert q.kind == COMPOSED_KIND and q.image_png == region.png and q.query and q.query_lang == "en"
+    assert q.prompt_version == gen.composed_prompt.version and q.prompt_version.startswith("composed-v1+")
+    (row,) = query_rows([PairedQuery(q, PageRef("c1", "c1", "d1", "en"), False)], lambda _: "train")
+    assert image_bytes(row["image"]) == region.png and row["kind"] == COMPOSED_KIND
