@@ -63,7 +63,8 @@ demo: models tesseract
 
 # the rest of the chain on the demo's output: train-netra (short CPU run) chained with benchmark-nayana
 demo-eval: models
-	time $(BIN)/m3dr train --data $(OUT) --out out/demo-train --retriever both --max-steps 50 --benchmark
+	time $(BIN)/m3dr train --data $(OUT) --out out/demo-train --retriever both --max-steps 50 --benchmark \
+	  --phases '["multimodal", {"name": "text", "max_steps": 25}]'
 
 # ruff, then the architecture contracts of pyproject.toml (layers flows → eval → training → tasks, no cycles)
 lint: venv

@@ -34,6 +34,8 @@ def headline(summary: Mapping[str, Any]) -> list[str]:
     if MULTI in summary:
         out.append(MULTI)
     out += [n for n in summary if n.endswith("+rerank")]
+    if dims and f"text:dense@{dims[-1]}" in summary:  # the text view's widest dense retriever
+        out.append(f"text:dense@{dims[-1]}")
     return out
 
 

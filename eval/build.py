@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from eval.beir import Benchmark, BenchmarkError, MemoryImages, atomic_dir, load_benchmark, write_parquet
 from tasks.languages import ALL_LANGS
-from tasks.schema import COMPOSED_KIND
+from tasks.schema import COMPOSED_KIND, QUERIES_SCHEMA
 from tasks.shards import Manifest, config_hash
 from tasks.splits import DEFAULT_FRACTIONS, assign_split
 
@@ -138,7 +138,7 @@ def heldout(
     fractions = dict(split_fractions or recorded_fractions(manifest))
     keep_lang = set(langs) if langs else None
     queries: list[dict[str, Any]] = []
-    for row in manifest.live_rows("queries", _QUERY_COLS):
+    for row in manifest.live_rows("queries", _QUERY_COLS, schema=QUERIES_SCHEMA):  # old shards: no image
         expected = assign_split(row["source_id"], fractions)
         if row["split"] != expected:
             raise BenchmarkError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from eval.build import HUB_ALIAS
 from tasks import languages
@@ -107,6 +107,14 @@ class TrainParams(BaseModel):
     benchmark: bool = Field(
         False, description="Then run `benchmark-nayana` on the trained retriever (held-out split of `data`)."
     )
+
+    @field_validator("phases", mode="before")
+    @classmethod
+    def _phase_names(cls, value: Any) -> Any:
+        """A phase may be given by its name alone (``["multimodal", "text"]``)."""
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
     benchmark_options: dict[str, Any] = Field(
         default_factory=dict,
         description="benchmark-nayana parameter overrides, e.g. {langs: 'hi,ta', max_queries_per_lang: 50}.",
@@ -146,6 +154,11 @@ class BenchmarkParams(BaseModel):
     out: str = Field("out/benchmark", description="Results: results.json, report.md/png, runs/, datasets/.")
     dims: list[int] | None = Field(None, description="Matryoshka dims (None: the retriever's trained dims).")
     multivector: bool | None = Field(None, description="Score the multi-vector head (None: when present).")
+    text_view: bool | None = Field(
+        None,
+        description="Also score text query → page text (text:<retriever>; None: when the encoder reads "
+        "text-only documents, e.g. a trained VLM retriever).",
+    )
     dtype: Literal["float32", "float16"] = Field("float32", description="Dense index precision.")
     search: Literal["exact", "faiss-flat", "faiss-hnsw"] = Field("exact", description="Dense search.")
     depth: int = Field(100, ge=10, description="Docs per query kept in runs and TREC files.")
@@ -170,5 +183,6 @@ class BenchmarkParams(BaseModel):
             dtype=self.dtype,
             search=self.search,
             multivector=self.multivector,
+            text_view=self.text_view,
             batch_size=self.batch_size,
         )

@@ -269,13 +269,16 @@ class Manifest:
             table = table.filter(pc.invert(pc.is_in(table["source_id"], value_set=pa.array(gone))))
         return table if columns is None else table.select(columns)
 
-    def live_rows(self, kind: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    def live_rows(
+        self, kind: str, columns: list[str] | None = None, *, schema: pa.Schema | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Live rows (see :meth:`live_table`) of every shard of ``kind``, shards in name order; the
-        records are listed once for the whole pass."""
+        records are listed once for the whole pass. ``schema`` reads shards written before a column was
+        added (it comes back null)."""
         entries, superseded = self._view()
         gone = list(superseded)
         for entry in sorted((e for e in entries.values() if e.kind == kind), key=lambda e: e.name):
-            yield from self.live_table(entry, columns, superseded=gone).to_pylist()
+            yield from self.live_table(entry, columns, schema=schema, superseded=gone).to_pylist()
 
 
 def commit_shard(
