@@ -115,6 +115,7 @@ class TrainParams(BaseModel):
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
+
     benchmark_options: dict[str, Any] = Field(
         default_factory=dict,
         description="benchmark-nayana parameter overrides, e.g. {langs: 'hi,ta', max_queries_per_lang: 50}.",
