@@ -25,7 +25,12 @@ def test_bundled_profiles_are_valid(name: str) -> None:
         ("layout", "confidence", 0.3, r"\[layout\]: unknown key\(s\) 'confidence'; allowed: conf, engine"),
         ("ingest", "dip", 96, r"\[ingest\]: unknown key\(s\) 'dip'; allowed: dpi, max_pixels"),
         ("render", "min_font", 6, r"\[render\]: unknown key\(s\) 'min_font'; allowed: .*min_font_px"),
-        ("queries", "kind", ["keyword"], r"\[queries\]: unknown key\(s\) 'kind'; allowed: engine, .*kinds"),
+        (
+            "queries",
+            "kind",
+            ["keyword"],
+            r"\[queries\]: unknown key\(s\) 'kind'; allowed: composed, engine, .*kinds",
+        ),
         ("negatives", "top_k", 10, r"\[negatives\]: unknown key\(s\) 'top_k'; allowed: .*top_n"),
     ],
 )
