@@ -55,6 +55,24 @@ def response_schema(kinds: Sequence[str], n: int, max_query_chars: int) -> dict[
     }
 
 
+def _page_data(text: str, strip_page_instructions: bool, max_page_chars: int) -> str:
+    """Page text for the data block: instructions stripped (if asked), and the block's markers removed
+    so the page cannot close (or reopen) it; cut to ``max_page_chars``."""
+    text = strip_instructions(text) if strip_page_instructions else text
+    return text.replace(Prompt.BEGIN, " ").replace(Prompt.END, " ")[:max_page_chars]
+
+
+def _chat(prompt: Prompt, fields: dict[str, Any], text: str, image_png: bytes | None) -> list[dict[str, Any]]:
+    """System + user messages of a prompt; the page text fills ``{page_text}`` verbatim (never formatted),
+    the image (already fitted) goes first as an ``image_url`` part."""
+    system = prompt.system.format(**fields, page_text="")
+    user = prompt.user.replace("{page_text}", "\x00PAGE\x00").format(**fields).replace("\x00PAGE\x00", text)
+    content: str | list[dict[str, Any]] = user
+    if image_png:
+        content = [image_url_part(image_png), {"type": "text", "text": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
 def render_messages(
     prompt: Prompt,
     req: QueryRequest,
@@ -66,9 +84,7 @@ def render_messages(
     """The chat messages for one request. Page text appears only inside the BEGIN/END data block;
     ``image_png`` (already fitted, see ``fit_png``), when given, goes first as an ``image_url`` part."""
     lang = languages.get(req.out_lang)
-    text = strip_instructions(req.text) if strip_page_instructions else req.text
-    # the page cannot close (or reopen) the data block: its markers are removed from the text
-    text = text.replace(Prompt.BEGIN, " ").replace(Prompt.END, " ")[:max_page_chars]
+    text = _page_data(req.text, strip_page_instructions, max_page_chars)
     guide = "\n".join(f"- {req.n} × {k}: {prompt.kinds.get(k, k)}" for k in req.kinds)
     fields = {
         "language": lang.name,
@@ -81,12 +97,7 @@ def render_messages(
         "begin": Prompt.BEGIN,
         "end": Prompt.END,
     }
-    system = prompt.system.format(**fields, page_text="")
-    user = prompt.user.replace("{page_text}", "\x00PAGE\x00").format(**fields).replace("\x00PAGE\x00", text)
-    content: str | list[dict[str, Any]] = user
-    if image_png:
-        content = [image_url_part(image_png), {"type": "text", "text": user}]
-    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    return _chat(prompt, fields, text, image_png)
 
 
 def render_composed_messages(
@@ -101,9 +112,7 @@ def render_composed_messages(
     """The chat messages asking for ``req.n`` questions about one region crop: the crop (already fitted)
     as an ``image_url`` part, then the text near the region, only inside the BEGIN/END data block."""
     lang = languages.get(req.out_lang)
-    text = region.context or req.text
-    text = strip_instructions(text) if strip_page_instructions else text
-    text = text.replace(Prompt.BEGIN, " ").replace(Prompt.END, " ")[:max_page_chars]
+    text = _page_data(region.context or req.text, strip_page_instructions, max_page_chars)
     fields = {
         "language": lang.name,
         "language_iso": lang.iso,
@@ -113,12 +122,7 @@ def render_composed_messages(
         "begin": Prompt.BEGIN,
         "end": Prompt.END,
     }
-    system = prompt.system.format(**fields, page_text="")
-    user = prompt.user.replace("{page_text}", "\x00PAGE\x00").format(**fields).replace("\x00PAGE\x00", text)
-    content: str | list[dict[str, Any]] = user
-    if image_png:
-        content = [image_url_part(image_png), {"type": "text", "text": user}]
-    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    return _chat(prompt, fields, text, image_png)
 
 
 def parse_reply(content: str, req: QueryRequest) -> list[tuple[str, str]]:
