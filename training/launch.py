@@ -139,5 +139,14 @@ def loss_report(result: dict[str, Any], out: Path, retriever: str) -> tuple[str,
         f"Adapter + heads: `{result['final_dir']}`\n\n![loss](data:image/png;base64,{b64})\n"
     )
     every = max(1, len(rows) // 50)
-    table = [{"step": r["step"], "loss": round(r["loss"], 5), "lr": r.get("lr")} for r in rows[::every]]
+    table = [
+        {
+            "step": r["step"],
+            "loss": round(r["loss"], 5),
+            # runs logged before grad_norm was recorded have none
+            "grad_norm": round(r["grad_norm"], 4) if "grad_norm" in r else None,
+            "lr": r.get("lr"),
+        }
+        for r in rows[::every]
+    ]
     return md, table

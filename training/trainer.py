@@ -504,10 +504,13 @@ def train(
             step_loss += float(loss.detach())
             compute_s += time.perf_counter() - t_comp
         t_comp = time.perf_counter()
-        if config.max_grad_norm > 0:
+        # the pre-clip global norm (DDP has all-reduced the gradients: every rank sees the same one)
+        grad_norm = float(
             torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+                [p for p in model.parameters() if p.requires_grad],
+                config.max_grad_norm if config.max_grad_norm > 0 else math.inf,
             )
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -520,9 +523,9 @@ def train(
         done = step + 1
         if info.is_main:
             with log_path.open("a") as fh:
-                fh.write(
-                    json.dumps({"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0]}) + "\n"
-                )
+                lr_now = scheduler.get_last_lr()[0]
+                row = {"step": done, "loss": step_loss, "grad_norm": grad_norm, "lr": lr_now}
+                fh.write(json.dumps(row) + "\n")
             if config.log_every and done % config.log_every == 0:
                 log.info("step %d/%d loss %.4f", done, total, step_loss)
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == total:

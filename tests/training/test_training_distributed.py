@@ -1,7 +1,8 @@
 """Multi-process training (torchrun, gloo on CPU) computes what one process computes.
 
 Two ranks with half the batch each and all-gathered documents must follow the single-process loss
-curve. With LoRA dropout on they cannot (each rank draws its own masks), so these runs set it to 0.
+curve: the same first-step loss and gradient norm, the same first update, then the same curve. With
+LoRA dropout on they cannot (each rank draws its own masks), so these runs set it to 0.
 This caught a real bug: `torch.distributed.nn.functional.all_gather`'s backward scrambles
 non-contiguous gradients on gloo, which made the multi-vector gradients of 2 ranks uncorrelated with
 the single-process ones (training.trainer._GatherRows replaces it).
@@ -91,7 +92,18 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path: Path, tiny
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
-        curves[nproc] = [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(curves[1]) == len(curves[2]) == 4
-    for one, two in zip(curves[1], curves[2], strict=True):
-        assert two == pytest.approx(one, rel=1e-4), curves
+        curves[nproc] = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    one, two = curves[1], curves[2]
+    assert len(one) == len(two) == 4
+    # Step 1 starts from the same weights, so loss and all-reduced gradient norm agree to float noise
+    # (6 seeds: loss ≤ 1e-7, gradient norm ≤ 1.3e-6): a rank that misses documents, trains the other's
+    # rows, scales or scrambles its gradients shows here.
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5), curves
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4), curves
+    # Then the curves drift chaotically, not by a bug: the summation orders' 1e-7 moves near-ties of
+    # MaxSim argmaxes, whose gradients then route elsewhere, and temperature 0.02 with Adam amplifies
+    # that (6 seeds here: ≤ 6e-6 at step 2, ≤ 6e-4 at step 4; CI once 1.1e-5 and 3.6e-3). A step moves
+    # the loss by ~2 %: the first update must match closely, the curve must be the same one.
+    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-3), curves
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), curves
