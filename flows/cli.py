@@ -234,16 +234,21 @@ def models_build(
         list[str] | None, typer.Argument(help="Recipe names; default: the profile's list.")
     ] = None,
     profile: Annotated[str, typer.Option(help="Profile whose [recipes].build list to build.")] = "tiny",
-    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
+    force: Annotated[bool, typer.Option(help="Redo the models-directory copy even if present.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Build from scratch: neither read nor write the recipe cache.")
+    ] = False,
 ) -> None:
-    """Build tiny local models (production classes, small configs) into the model cache."""
+    """Build tiny local models (production classes, small configs) into the models directory, from the
+    recipe cache (``M3DR_RECIPE_CACHE``, default ~/.cache/m3dr/recipes) when it holds the same build."""
     from tasks.models import build_recipe, load_profile
 
     todo = names or load_profile(profile).get("recipes", {}).get("build", [])
     for name in todo:
         typer.echo(f"building {name} …")
-        path = build_recipe(name, force=force)
-        typer.echo(f"  {name}: {path}")
+        path = build_recipe(name, force=force or no_cache, use_cache=not no_cache)
+        made = json.loads((path / ".complete").read_text()).get("from", "build")
+        typer.echo(f"  {name}: {path} (from {made})")
 
 
 @models_app.command("hash")

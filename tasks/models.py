@@ -17,7 +17,8 @@ loading one runs whatever code it carries. :func:`verify_pickle` stands before e
 sha256 must equal the pin of its profile table (``sha256 = "…"``), or the table says
 ``trust_unpinned = true``; otherwise it is refused with the actual hash and the line to add.
 
-A leaf module: it imports only :mod:`tasks.paths` (recipe modules are named in :data:`RECIPES`).
+A leaf module: it imports only :mod:`tasks.paths` and :mod:`tasks.recipe_cache` (recipe modules are
+named in :data:`RECIPES`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ import importlib
 import json
 import logging
 import shutil
+import sys
 import tomllib
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tasks.paths import PROFILES_DIR, models_dir
+from tasks.recipe_cache import RecipeCache, RecipeCacheError, recipe_key
 
 # Files a fingerprint skips: provenance we write beside a model (build times, absolute build paths),
 # which says how a model was made, not what it computes.
@@ -101,24 +105,75 @@ def recipe_dir(name: str) -> Path:
     return models_dir() / name
 
 
-def build_recipe(name: str, *, force: bool = False) -> Path:
-    """Build a tiny local model by recipe name into the model cache (no-op when already built)."""
+def recipe_cache_key(name: str) -> tuple[str | None, dict[str, Any]]:
+    """(key, inputs) of a recipe's build in the recipe cache; key None: the build is not reproducible
+    (its module's ``cache_config()`` returns None, e.g. a time-budgeted ``nllb-tiny``) and is not cached."""
+    builder = recipe_builder(name)
+    config_fn = getattr(sys.modules[builder.__module__], "cache_config", None)
+    config = config_fn() if config_fn is not None else {}
+    key, inputs = recipe_key(name, RECIPES[name], config)
+    return (key if config is not None else None), inputs
+
+
+def _built_key(out: Path) -> str | None:
+    """The cache key a models-dir build was made for (None: no complete build; '' : an older build that
+    recorded none)."""
+    done = out / ".complete"
+    if not done.is_file():
+        return None
+    try:
+        return str(json.loads(done.read_text()).get("key") or "")
+    except ValueError:
+        return ""
+
+
+def build_recipe(name: str, *, force: bool = False, use_cache: bool = True) -> Path:
+    """Build a tiny local model by recipe name into the models directory.
+
+    A no-op when the directory already holds the build of the recipe's current key (builder code,
+    config, library versions: :func:`tasks.recipe_cache.recipe_key`). Otherwise the build comes from the
+    recipe cache when it holds a verified entry for that key, else the builder runs (and its output is
+    published to the cache). ``force`` redoes the models-directory copy; ``use_cache=False`` neither
+    reads nor writes the cache (a build from scratch).
+    """
     builder = recipe_builder(name)
     out = recipe_dir(name)
-    done = out / ".complete"
+    key, inputs = recipe_cache_key(name)
+    have = _built_key(out)
     # a build with pickles but no sha256 record predates the record (see verify_pickle): rebuild it
-    if done.exists() and not force and ((out / PICKLE_RECORD).exists() or not pickle_files(out)):
+    recorded = (out / PICKLE_RECORD).exists() or not pickle_files(out)
+    if have is not None and not force and recorded and (key is None or have == key):
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    builder(tmp)
-    record = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in pickle_files(tmp)}
-    if record:
-        (tmp / PICKLE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    def run_builder(dst: Path) -> None:
+        builder(dst)
+        record = {f.relative_to(dst).as_posix(): sha256_file(f) for f in pickle_files(dst)}
+        if record:
+            (dst / PICKLE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")  # own folder: builds may run at once
+    source = "build"
+    if key is not None and use_cache:
+        cache = RecipeCache()
+        with cache.lock(name, key):
+            if cache.copy_out(name, key, tmp):
+                source = f"cache {cache.entry(name, key)}"
+            else:
+                entry = cache.publish(name, key, inputs, run_builder)
+                if not cache.copy_out(name, key, tmp):
+                    raise RecipeCacheError(f"recipe {name}: the entry just published is bad: {entry}")
+    else:
+        tmp.mkdir(parents=True)
+        run_builder(tmp)
+    log.info("recipe %s: %s", name, source)
+    (tmp / ".complete").write_text(json.dumps({"key": key, "from": source}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    (out / ".complete").write_text("ok\n")
+    try:
+        tmp.rename(out)
+    except OSError:  # another process put the same build there meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _built_key(out) != (key or ""):
+            raise
     return out
 
 

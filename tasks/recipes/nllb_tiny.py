@@ -216,6 +216,13 @@ def nllb_tiny_config_from_env(**overrides) -> NllbTinyConfig:
     return NllbTinyConfig(**kw)
 
 
+def cache_config() -> dict | None:
+    """The build's config for its recipe-cache key (env overrides applied); None for a time-budgeted
+    build (``steps`` unset), whose weights depend on the machine's speed and so are never cached."""
+    cfg = nllb_tiny_config_from_env()
+    return asdict(cfg) if cfg.steps is not None else None
+
+
 def build_nllb_tiny(out_dir: Path, cfg: NllbTinyConfig | None = None) -> Path:
     """Build the tiny NLLB: glossary → BPE → NllbTokenizer → M2M100 trained → ``hf/`` + ``ct2/`` (int8).
 

@@ -45,6 +45,7 @@ def _synthesize(checkout: Path, home: Path, api_url: str) -> Path:
         **os.environ,
         "PYTHONPATH": str(checkout),
         "M3DR_MODELS": str(checkout / "models"),
+        "M3DR_RECIPE_CACHE": str(checkout / "recipe-cache"),  # each checkout builds: no shared cache entry
         "M3DR_NLLB_TINY_STEPS": STEPS,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

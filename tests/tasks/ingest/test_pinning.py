@@ -44,6 +44,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def recipe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ckpt: Path) -> Path:
     """A private model cache with the fake recipe registered."""
     monkeypatch.setenv("M3DR_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("M3DR_RECIPE_CACHE", str(tmp_path / "recipe-cache"))
     monkeypatch.setitem(RECIPES, FAKE_RECIPE, f"{__name__}:fake_recipe")
     return tmp_path / "models"
 
