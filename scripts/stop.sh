@@ -3,13 +3,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=$(realpath -m "${M3DR_SERVE_DIR:-$PWD/.serve}")
+# Seconds a service gets to exit after SIGTERM before SIGKILL. Prefect 3.8.8's `prefect worker start`
+# answers SIGTERM/SIGINT with "Sending SIGINT to the process worker" and then stays up while idle (seen),
+# so the worker always uses its whole grace: keep it short where nothing runs (tests set 2).
+GRACE_S=${M3DR_STOP_GRACE_S:-15}
 for name in worker server; do
   pidfile="$RUN_DIR/$name.pid"
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq $((GRACE_S * 2))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$pid" 2>/dev/null || true
     echo "stopped $name (pid $pid)"
   fi

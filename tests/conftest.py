@@ -23,6 +23,48 @@ import prefect  # noqa: F401
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "assets" / "samples"
 
+# Modules that share a session fixture too costly to start twice run on one xdist worker.
+SHARED_WORKER: dict[str, str] = {
+    "tests/tasks/queries/test_queries_vllm.py": "vllm-server",
+    "tests/eval/test_rerank.py": "vllm-server",
+}
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``make test`` runs ``-n 2 --dist loadfile``: a module is one unit of work, so its module fixtures
+    (servers, corpora, trained models) are built once, and the modules of :data:`SHARED_WORKER` form one
+    unit that shares one vLLM server. (xdist's ``loadgroup`` marks do nothing under pytest 9.2: it
+    renames nodes through an attribute pytest no longer reads.)"""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return SHARED_WORKER.get(module, module)
+
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker, modules with slow tests or a vLLM server go first (with
+    ``--no-loadscope-reorder`` the controller keeps this order): the longest units start early and
+    the two workers finish together."""
+    if not hasattr(config, "workerinput"):
+        return
+    heavy = {
+        _module(item)
+        for item in items
+        if item.get_closest_marker("slow") or {"vllm_server", "vlm_server"} & set(item.fixturenames)
+    }
+    items.sort(key=lambda item: _module(item) not in heavy)  # stable: file order kept within each part
+
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:

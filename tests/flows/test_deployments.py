@@ -37,6 +37,8 @@ def served(tmp_path_factory, tiny_models):
         M3DR_SERVE_PORT=str(port),
         PREFECT_HOME=str(run_dir / "prefect-home"),
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+        PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks a triggered run up within a second, not ten
+        M3DR_STOP_GRACE_S="2",  # the idle Prefect worker ignores SIGTERM (scripts/stop.sh): no 15 s wait
         M3DR_BIN=str(Path(sys.executable).parent),
     )
     started = subprocess.run(
@@ -80,7 +82,9 @@ def _run_deployment(served, name: str, params: dict) -> subprocess.CompletedProc
     import json
 
     return _prefect(
-        served, "deployment", "run", name, "--params", json.dumps(params), "--watch", "--watch-timeout", "540"
+        served,
+        *("deployment", "run", name, "--params", json.dumps(params)),
+        *("--watch", "--watch-interval", "1", "--watch-timeout", "540"),
     )
 
 

@@ -22,6 +22,8 @@ from training.inference import VlmRetrieverEncoder
 from training.losses import maxsim
 from training.trainer import resolve_model_dir, train
 
+pytestmark = pytest.mark.slow  # real CPU training runs
+
 N_PAGES = 32
 STEPS = 100
 MARGIN = 0.15

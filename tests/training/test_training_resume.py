@@ -18,6 +18,8 @@ from tests.support.toy_corpus import build_toy_corpus
 from training.config import PromptSettings, TrainConfig
 from training.run import RunSpec, launch_command, write_spec
 
+pytestmark = pytest.mark.slow  # real CPU training runs
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 16
 
