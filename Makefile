@@ -87,8 +87,11 @@ lint-once: $(LINT_STAMP)
 # M3DR_REQUIRE_VLLM=1: a missing vLLM venv fails the run instead of skipping the server tests.
 # --durations: the slowest tests and fixtures, printed at the end of every run.
 # --dist loadfile --no-loadscope-reorder: one module per unit of work, heaviest modules first (conftest).
+# OMP_WAIT_POLICY=PASSIVE with workers: two workers × torch's OpenMP threads on two cores, and an idle
+# OpenMP thread spin-waits on a core the other worker needs (pytest 442 s -> 412 s); numerics unchanged.
 test: models vllm tesseract $(LINT_STAMP)
-	M3DR_REQUIRE_VLLM=1 $(BIN)/python -m pytest --durations=25 \
+	M3DR_REQUIRE_VLLM=1 $(if $(filter-out 0,$(PYTEST_WORKERS)),OMP_WAIT_POLICY=PASSIVE) \
+	  $(BIN)/python -m pytest --durations=25 \
 	  $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 serve: models

@@ -38,7 +38,7 @@ def served(tmp_path_factory, tiny_models):
         PREFECT_HOME=str(run_dir / "prefect-home"),
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
         PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks a triggered run up within a second, not ten
-        M3DR_STOP_GRACE_S="2",  # the idle Prefect worker ignores SIGTERM (scripts/stop.sh): no 15 s wait
+        M3DR_STOP_GRACE_S="6",  # the idle Prefect worker ignores SIGTERM (scripts/stop.sh): not 15 s
         M3DR_BIN=str(Path(sys.executable).parent),
     )
     started = subprocess.run(
