@@ -226,7 +226,8 @@ class RecipeCache:
             return False
         try:
             self._copy_verified(entry, json.loads(record_file.read_text())["files"], dst)
-        except (RecipeCacheError, OSError, ValueError, KeyError) as exc:
+        # a bad entry is dropped and rebuilt; other I/O errors (a full disk where the copy goes) raise
+        except (RecipeCacheError, FileNotFoundError, ValueError, KeyError) as exc:
             shutil.rmtree(dst, ignore_errors=True)
             self.discard(name, key, reason=str(exc))
             return False
