@@ -89,10 +89,11 @@ lint-once: $(LINT_STAMP)
 # --dist loadfile --no-loadscope-reorder: one module per unit of work, heaviest modules first (conftest).
 # OMP_WAIT_POLICY=PASSIVE with workers: two workers × torch's OpenMP threads on two cores, and an idle
 # OpenMP thread spin-waits on a core the other worker needs (pytest 442 s -> 412 s); numerics unchanged.
+XDIST := $(filter-out 0,$(PYTEST_WORKERS))
 test: models vllm tesseract $(LINT_STAMP)
-	M3DR_REQUIRE_VLLM=1 $(if $(filter-out 0,$(PYTEST_WORKERS)),OMP_WAIT_POLICY=PASSIVE) \
+	M3DR_REQUIRE_VLLM=1 $(if $(XDIST),OMP_WAIT_POLICY=PASSIVE) \
 	  $(BIN)/python -m pytest --durations=25 \
-	  $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
+	  $(if $(XDIST),-n $(XDIST) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 serve: models
 	bash scripts/serve.sh
