@@ -49,6 +49,7 @@ from eval.retrieval import (
 )
 from tasks.encoders import Encoder, PageView, build_encoder, l2_normalise
 from tasks.storage import atomic_write
+from training.encoders import ENCODERS
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +589,7 @@ def _cached_runner(key: str) -> BenchmarkRunner:
     from eval.rerank import build_reranker
 
     return BenchmarkRunner(
-        build_encoder(spec["encoder"]),
+        build_encoder(spec["encoder"], ENCODERS),
         EvalSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()}),
         cache=EmbeddingCache(Path(spec["out"]).resolve() / "cache"),
         reranker=build_reranker(spec["rerank"]) if spec["rerank"] is not None else None,

@@ -26,6 +26,7 @@ from tasks.run.prepare import prepare_run
 from tasks.run.summary import run_result, write_run_report
 from tasks.shards import Manifest, record_run_params
 from tasks.translate.task import translate_shard_task
+from training.encoders import ENCODERS
 
 
 def task_runner(params: SynthesizeParams):
@@ -114,13 +115,15 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
             window.add(
                 ("index", split),
                 everything,
-                lambda split=split: index_split_task.submit(root, prof, params.split_fractions, split),
+                lambda split=split: index_split_task.submit(
+                    root, prof, params.split_fractions, split, ENCODERS
+                ),
             )
         for en in run.en_shards:
             window.add(
                 ("train", en),
                 [("index", s) for s in splits],
-                lambda en=en: train_shard_task.submit(root, en, prof, params.split_fractions),
+                lambda en=en: train_shard_task.submit(root, en, prof, params.split_fractions, ENCODERS),
             )
     results = window.run(key="synthesize-progress")
 

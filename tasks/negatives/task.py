@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import task
 
+from tasks.encoders import EncoderTable
 from tasks.negatives.index import build_split_index
 from tasks.negatives.shard import train_shard
 from tasks.shards import timed
@@ -13,15 +14,24 @@ from tasks.shards import timed
 
 @task(name="mining-index", task_run_name="index {split}", retries=1, retry_delay_seconds=5)
 def index_split_task(
-    root: str, profile: dict[str, Any], split_fractions: dict[str, float] | None, split: str
+    root: str,
+    profile: dict[str, Any],
+    split_fractions: dict[str, float] | None,
+    split: str,
+    engines: EncoderTable | None = None,
 ) -> dict[str, Any]:
-    """Prefect wrapper of :func:`build_split_index` (run once per split after all pages and queries)."""
-    return timed(build_split_index, root, profile, split_fractions, split)
+    """Prefect wrapper of :func:`build_split_index` (run once per split after all pages and queries);
+    ``engines``: the flow's encoder engine table (module-level functions: they pickle for Dask)."""
+    return timed(build_split_index, root, profile, split_fractions, split, engines)
 
 
 @task(name="train-shard", task_run_name="negatives {en_shard}", retries=1, retry_delay_seconds=5)
 def train_shard_task(
-    root: str, en_shard: str, profile: dict[str, Any], split_fractions: dict[str, float] | None
+    root: str,
+    en_shard: str,
+    profile: dict[str, Any],
+    split_fractions: dict[str, float] | None,
+    engines: EncoderTable | None = None,
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`train_shard` (after the index tasks of its splits)."""
-    return timed(train_shard, root, en_shard, profile, split_fractions=split_fractions)
+    return timed(train_shard, root, en_shard, profile, split_fractions=split_fractions, engines=engines)

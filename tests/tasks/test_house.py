@@ -62,8 +62,9 @@ assert "training.inference" not in sys.modules
 from tasks.encoders import PageView
 from tasks.negatives.base import QueryView
 from tasks.negatives.miners import build_miner
+from flows.synthesize import ENCODERS  # the table the flow passes to its negatives tasks
 encoder = {"engine": "vlm-base", "model": "recipe:gemma3-tiny", "config": {"retriever": "dense"}}
-miner = build_miner({"miner": "dense", "k": 1, "top_n": 3, "margin": 1.0, "encoder": encoder})
+miner = build_miner({"miner": "dense", "k": 1, "top_n": 3, "margin": 1.0, "encoder": encoder}, ENCODERS)
 pages = [PageView(f"p{i}", f"p{i}", "en", f"page {i} about topic {i}") for i in range(4)]
 mined = miner.mine([QueryView("q0", "topic 0", "en", "p0", "p0")], pages)
 assert "training.inference" in sys.modules

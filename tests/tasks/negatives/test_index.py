@@ -467,7 +467,7 @@ def memo() -> _Memo:
 def encoder(memo: _Memo, monkeypatch) -> _Memo:
     from tasks.negatives import miners
 
-    monkeypatch.setattr(miners, "_encoder_for", lambda key: memo)
+    monkeypatch.setattr(miners, "_encoder_for", lambda key, factory: memo)
     return memo
 
 
