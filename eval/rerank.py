@@ -24,8 +24,12 @@ The new run (``merge_run``): each query's first-stage top ``top_k`` (in trec_eva
 then doc id desc, as ``eval.metrics.rank_docs`` sees the run) is sorted by P(True), ties kept in
 first-stage order; their scores are P(True) shrunk by a rank epsilon (1e-6 per place, so the order is
 strict even as float32, which trec_eval compares) and stay in [0, 1]. A candidate whose request failed
-(after retries) keeps its first-stage place. Docs beyond ``top_k`` keep their first-stage order with
-scores -1, -2, … below every reranked doc. Failures are logged and counted, never raised.
+(a reply without logprobs, a request the server refuses as invalid, a page that cannot be loaded) keeps
+its first-stage place: that pair's failure is logged and counted, and the benchmark goes on. A server
+that cannot answer (unreachable, timing out, 5xx after the retries, 401/403/404) is a broken world, not
+a pair's fault: the first ``EndpointUnavailable`` cancels the other requests and ``rerank`` raises it
+(a benchmark with a dead reranker is a failed run, not a silently un-reranked one). Docs beyond
+``top_k`` keep their first-stage order with scores -1, -2, … below every reranked doc.
 
 Off by default: ``build_reranker`` returns None for no (or an empty) table, ``engine = "none"`` or
 ``enabled = false``; a filled table without ``engine`` means ``vllm``.
@@ -46,13 +50,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from eval.metrics import rank_docs
 from tasks.config import check_config
 from tasks.encoders import PageView
-from tasks.llm.client import (
-    ChatEndpoint,
-    EndpointConfig,
-    endpoint_repr,
-    request_json,
-    run_sync,
-)
+from tasks.faults import reject_or_raise
+from tasks.llm.client import ChatEndpoint, EndpointConfig, Session, gather_or_fail, run_sync
 from tasks.llm.prompts import load_prompt
 from tasks.queries.vllm import Prompt
 
@@ -102,8 +101,10 @@ class RerankStats:
     requests: int = 0  # (query, candidate) pairs to judge
     http_calls: int = 0  # including retries and the model lookup
     retries: int = 0
-    failures: int = 0  # pairs left unjudged (request failed after retries, unusable reply, no page)
+    failures: int = 0  # pairs left unjudged (request refused as invalid, unusable reply, no page)
     missing_label: int = 0  # judged pairs with neither True nor False in the logprobs
+    prompt_tokens: int = 0  # the server's ``usage`` summed over replies
+    completion_tokens: int = 0
     seconds: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -319,18 +320,21 @@ class VlmReranker:
         self.constrain = constrain
         self.stats = RerankStats()
 
-    OPTIONS: tuple[str, ...] = (
-        "top_k", "modality", "max_page_chars", "top_logprobs", "missing_label_p", "constrain",
-    )  # fmt: skip
-
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> VlmReranker:
-        """From a ``[rerank]`` table; unknown keys are an error (a typo must not silently do nothing)."""
-        check_config("rerank", cfg, RerankConfig)
+    def from_config(cls, cfg: Mapping[str, Any] | RerankConfig) -> VlmReranker:
+        """From a ``[rerank]`` table, validated into ``RerankConfig`` (which holds every default); unknown
+        keys are an error (a typo must not silently do nothing)."""
+        if not isinstance(cfg, RerankConfig):
+            cfg = RerankConfig.model_validate(check_config("rerank", cfg, RerankConfig))
         return cls(
             ChatEndpoint.from_config(cfg, "rerank"),
-            prompt=load_prompt(cfg.get("prompt", "rerank_v1")),
-            **{k: cfg[k] for k in cls.OPTIONS if k in cfg},
+            prompt=load_prompt(cfg.prompt),
+            top_k=cfg.top_k,
+            modality=cfg.modality,
+            max_page_chars=cfg.max_page_chars,
+            top_logprobs=cfg.top_logprobs,
+            missing_label_p=cfg.missing_label_p,
+            constrain=cfg.constrain,
         )
 
     @property
@@ -343,8 +347,7 @@ class VlmReranker:
 
     def __repr__(self) -> str:  # never the key, never a URL that could carry credentials
         return (
-            f"VlmReranker(model={self.model_id!r}, "
-            f"{endpoint_repr(self.endpoint.base_url, self.endpoint.api_key)}, "
+            f"VlmReranker(model={self.model_id!r}, {self.endpoint.sources}, "
             f"prompt={self.prompt_version!r}, top_k={self.top_k}, modality={self.modality!r}, "
             f"constrain={self.constrain!r})"
         )
@@ -371,7 +374,8 @@ class VlmReranker:
         """Judge each query's first-stage top ``top_k`` and return the merged run (see ``merge_run``).
 
         ``page(doc_id)`` is called once per judged pair, inside the concurrency limit, so page images
-        are loaded only while their request is being built.
+        are loaded only while their request is being built. Raises ``EndpointUnavailable`` when the
+        server cannot answer; a pair's own failure only keeps that pair in its first-stage place.
         """
         return run_sync(lambda: self.arerank(queries, run, page))
 
@@ -387,22 +391,19 @@ class VlmReranker:
         failed: dict[str, dict[str, str]] = {}
         sem = asyncio.Semaphore(self.endpoint.concurrency)
 
-        async def one(client: Any, qid: str, doc_id: str) -> None:
+        async def one(chat: Session, qid: str, doc_id: str) -> None:
             async with sem:
                 try:
                     if qid not in queries:
                         raise LookupError(f"no text for query {qid!r}")
-                    body = self.request_body(queries[qid], page(doc_id))
-                    data = await request_json(
-                        client, "POST", "/chat/completions", body,
-                        what=f"rerank {qid}/{doc_id}", policy=self.endpoint.retry, stats=stats,
-                    )  # fmt: skip
+                    data = await chat.chat(self.request_body(queries[qid], page(doc_id)))
                     verdict = judge(
                         data["choices"][0],
                         missing_label_p=self.missing_label_p,
                         prefix=self.constrain == "choice",
                     )
-                except Exception as exc:  # one pair's failure must never stop the benchmark
+                except Exception as exc:  # a pair's bad input fails that pair; a broken world raises
+                    reject_or_raise(exc)
                     failed.setdefault(qid, {})[doc_id] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     log.debug("rerank %s/%s failed: %s", qid, doc_id, exc)
                     return
@@ -410,15 +411,9 @@ class VlmReranker:
                 stats.missing_label += verdict.missing
 
         if pairs:
-            async with self.endpoint.client() as client:
-                try:
-                    await self.endpoint.resolve(client, stats)
-                except Exception as exc:  # no model → no pair can be judged; keep the first stage
-                    error = f"model lookup failed: {type(exc).__name__}: {str(exc)[:200]}"
-                    for qid, doc_id in pairs:
-                        failed.setdefault(qid, {})[doc_id] = error
-                else:
-                    await asyncio.gather(*(one(client, qid, d) for qid, d in pairs))
+            async with self.endpoint.session(stats) as chat:
+                await chat.resolve()
+                await gather_or_fail(one(chat, qid, d) for qid, d in pairs)
         scores = {qid: {d: j.p_true for d, j in js.items()} for qid, js in judgements.items()}
         new_run = {qid: merge_run(run[qid], scores[qid], self.top_k) for qid in run}
         stats.failures = sum(len(v) for v in failed.values())

@@ -1,12 +1,18 @@
 """vLLM query engine: one chat request per page to an OpenAI-compatible server (``vllm serve``).
 
-An asyncio + httpx client with a concurrency limit and retries with backoff (timeouts, connection
-errors, 408/429/5xx), through ``tasks.llm.client.ChatEndpoint``, shared with the reranker of
-``eval/rerank.py``. One chat request per page: the versioned prompt of ``assets/prompts/``, the page's
-region text inside a delimited data block, the page image for vision models (a base64 PNG data URL in
-an OpenAI ``image_url`` part, downscaled first when its longest side exceeds ``max_image_side``, so the
-server never gets an image it rejects), and a JSON-schema ``response_format`` so the reply always
-parses. Kind ``composed`` (vision models only) is one more request per picked region: its crop
+Requests go through ``tasks.llm.client.ChatEndpoint`` (the ``openai`` SDK, shared with the reranker of
+``eval/rerank.py``), ``concurrency`` in flight, each retried with backoff on connection errors, timeouts
+and 408/409/429/5xx. A server that still cannot answer (or refuses us: 401/403/404) is a broken world:
+the first ``EndpointUnavailable`` cancels the other requests and ``generate`` raises it, so the shard
+fails and is retried instead of recording a rejects row per page. A request the server refuses as
+invalid (400/413/422) and a reply that does not parse after ``bad_reply_retries`` are that page's
+fault: a ``query_generation_failed`` rejects row.
+
+One chat request per page: the versioned prompt of ``assets/prompts/``, the page's region text inside a
+delimited data block, the page image for vision models (a base64 PNG data URL in an OpenAI
+``image_url`` part, downscaled first when its longest side exceeds ``max_image_side``, so the server
+never gets an image it rejects), and a JSON-schema ``response_format`` so the reply always parses.
+Kind ``composed`` (vision models only) is one more request per picked region: its crop
 (``tasks.queries.composed``) and the text near it, asking for one question about the crop in the
 page's language (prompt ``composed_v1``). URL and API key come from the config, an environment
 variable or a Prefect Secret block; the key is never logged nor shown in ``repr``.
@@ -19,22 +25,18 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tasks import languages
-from tasks.llm.client import (
-    ChatEndpoint,
-    endpoint_repr,
-    request_json,
-    run_sync,
-)
+from tasks.config import check_config
+from tasks.llm.client import ChatEndpoint, RequestRejected, Session, gather_or_fail, run_sync
 from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE, FittedImage, ImageError, fit_png, image_url_part
 from tasks.llm.prompts import Prompt, load_prompt
 from tasks.queries.base import STAGE, GeneratedQuery, QueryRequest
 from tasks.queries.composed import ComposedRegion, pick_composed
-from tasks.queries.config import ComposedConfig
+from tasks.queries.config import ComposedConfig, VllmQueriesConfig
 from tasks.queries.extractive import _seed
 from tasks.queries.text import _CONTROL_RE, _SPACE_RE, strip_instructions
 from tasks.schema import COMPOSED_KIND, Reject, RejectReason
@@ -202,17 +204,25 @@ class VllmQueryGenerator:
         self.stats = EngineStats()
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> VllmQueryGenerator:
-        names = [
-            "temperature", "top_p", "max_tokens", "max_query_chars", "max_page_chars", "vision",
-            "max_image_side", "strip_page_instructions", "bad_reply_retries", "seed",
-        ]  # fmt: skip
+    def from_config(cls, cfg: Mapping[str, Any] | VllmQueriesConfig) -> VllmQueryGenerator:
+        """From a ``[queries]`` table, validated into ``VllmQueriesConfig`` (which holds every default)."""
+        if not isinstance(cfg, VllmQueriesConfig):
+            cfg = VllmQueriesConfig.model_validate(check_config("queries", cfg, VllmQueriesConfig))
         return cls(
             ChatEndpoint.from_config(cfg, "queries"),
-            prompt=load_prompt(cfg.get("prompt", "queries_v1")),
-            composed_prompt=load_prompt(cfg.get("composed_prompt", "composed_v1")),
-            composed=ComposedConfig.model_validate(cfg.get("composed", {})),
-            **{k: cfg[k] for k in names if k in cfg},
+            prompt=load_prompt(cfg.prompt),
+            composed_prompt=load_prompt(cfg.composed_prompt),
+            composed=cfg.composed,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_tokens,
+            max_query_chars=cfg.max_query_chars,
+            max_page_chars=cfg.max_page_chars,
+            vision=cfg.vision,
+            max_image_side=cfg.max_image_side,
+            strip_page_instructions=cfg.strip_page_instructions,
+            bad_reply_retries=cfg.bad_reply_retries,
+            seed=cfg.seed,
         )
 
     @property
@@ -221,8 +231,7 @@ class VllmQueryGenerator:
 
     def __repr__(self) -> str:  # never the key, never a URL that could carry credentials
         return (
-            f"VllmQueryGenerator(model={self.model_id!r}, "
-            f"{endpoint_repr(self.endpoint.base_url, self.endpoint.api_key)}, "
+            f"VllmQueryGenerator(model={self.model_id!r}, {self.endpoint.sources}, "
             f"prompt={self.prompt_version!r}, concurrency={self.endpoint.concurrency})"
         )
 
@@ -308,7 +317,9 @@ class VllmQueryGenerator:
     def generate_with_rejects(
         self, requests: list[QueryRequest]
     ) -> tuple[list[GeneratedQuery], list[Reject]]:
-        """Run all requests (``concurrency`` in flight); failures become QUERY_GENERATION_FAILED rejects."""
+        """Run all requests (``concurrency`` in flight). A page's bad input (an undecodable image, a request
+        the server refuses, a reply that never parses) becomes a QUERY_GENERATION_FAILED reject; an
+        endpoint that cannot answer raises ``EndpointUnavailable`` (nothing is returned)."""
         return run_sync(lambda: self.agenerate(requests))
 
     @property
@@ -324,9 +335,9 @@ class VllmQueryGenerator:
         self.stats = EngineStats(requests=len(requests))
         t0 = time.perf_counter()
         sem = asyncio.Semaphore(self.endpoint.concurrency)
-        async with self.endpoint.client() as client:
-            await self.endpoint.resolve(client, self.stats)
-            results = await asyncio.gather(*(self._one(client, sem, r) for r in requests))
+        async with self.endpoint.session(self.stats) as chat:
+            await chat.resolve()
+            results = await gather_or_fail(self._one(chat, sem, r) for r in requests)
         queries = [q for qs, _ in results for q in qs]
         rejects = [r for _, rs in results for r in rs]
         self.stats.failures = len(rejects)
@@ -337,15 +348,8 @@ class VllmQueryGenerator:
         )  # fmt: skip
         return queries, rejects
 
-    def _count_usage(self, data: Any) -> None:
-        """Add a reply's ``usage`` (prompt / completion tokens) to the stats; a reply without it adds 0."""
-        usage = data.get("usage") if isinstance(data, dict) else None
-        if isinstance(usage, dict):
-            self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
-
     async def _one(
-        self, client, sem: asyncio.Semaphore, req: QueryRequest
+        self, chat: Session, sem: asyncio.Semaphore, req: QueryRequest
     ) -> tuple[list[GeneratedQuery], list[Reject]]:
         """The queries of one page: one request for its text kinds, one per composed region."""
         queries: list[GeneratedQuery] = []
@@ -353,11 +357,11 @@ class VllmQueryGenerator:
         async with sem:
             text_req = replace(req, kinds=tuple(k for k in req.kinds if k != COMPOSED_KIND))
             if text_req.kinds:
-                got, reject = await self._page_queries(client, text_req)
+                got, reject = await self._page_queries(chat, text_req)
                 queries += got
                 rejects += [reject] if reject else []
             if COMPOSED_KIND in req.kinds:
-                got, more = await self._composed_queries(client, req)
+                got, more = await self._composed_queries(chat, req)
                 queries += got
                 rejects += more
         return queries, rejects
@@ -365,19 +369,21 @@ class VllmQueryGenerator:
     def _reject(self, req: QueryRequest, message: str) -> Reject:
         return Reject(STAGE, req.page_id, RejectReason.QUERY_GENERATION_FAILED, message, lang=req.out_lang)
 
-    async def _ask(self, client, req: QueryRequest, what: str, body_of) -> tuple[list[tuple[str, str]], str]:
+    async def _ask(
+        self, chat: Session, req: QueryRequest, body_of: Callable[[int], dict[str, Any]]
+    ) -> tuple[list[tuple[str, str]], str]:
         """POST ``body_of(attempt)`` until a reply parses against ``req`` (up to ``bad_reply_retries``
-        more times); (kind, query) pairs, or ``[]`` and the error."""
+        more times); (kind, query) pairs, or ``[]`` and the error. ``EndpointUnavailable`` propagates."""
         error = ""
         for attempt in range(self.bad_reply_retries + 1):
             try:
-                data = await request_json(
-                    client, "POST", "/chat/completions", body_of(attempt),
-                    what=what, policy=self.endpoint.retry, stats=self.stats,
-                )  # fmt: skip
-            except RuntimeError as exc:
-                return [], str(exc)
-            self._count_usage(data)
+                data = await chat.chat(body_of(attempt))
+            except RequestRejected as exc:  # the server refuses this request: retrying cannot help
+                return [], f"request rejected ({exc})"
+            except ValueError as exc:  # a reply that is not JSON
+                self.stats.bad_replies += 1
+                error = f"unparseable reply ({exc})"
+                continue
             try:
                 choice = data["choices"][0]
                 if choice.get("finish_reason") == "length":
@@ -388,7 +394,9 @@ class VllmQueryGenerator:
                 error = f"unparseable reply ({type(exc).__name__}: {str(exc)[:80]})"
         return [], error
 
-    async def _page_queries(self, client, req: QueryRequest) -> tuple[list[GeneratedQuery], Reject | None]:
+    async def _page_queries(
+        self, chat: Session, req: QueryRequest
+    ) -> tuple[list[GeneratedQuery], Reject | None]:
         try:
             # once per page, not per attempt; off the event loop (a big page takes a while)
             image = await asyncio.to_thread(self.page_image, req)
@@ -400,7 +408,7 @@ class VllmQueryGenerator:
                 self.stats.images_downscaled += 1
                 log.debug("%s: image %s → %s", req.page_id, image.original_size, image.size)
         pairs, error = await self._ask(
-            client, req, req.page_id, lambda attempt: self.request_body(req, attempt, image=image)
+            chat, req, lambda attempt: self.request_body(req, attempt, image=image)
         )
         if not pairs and error:
             return [], self._reject(req, error)
@@ -409,7 +417,9 @@ class VllmQueryGenerator:
             for kind, q in pairs
         ], None
 
-    async def _composed_queries(self, client, req: QueryRequest) -> tuple[list[GeneratedQuery], list[Reject]]:
+    async def _composed_queries(
+        self, chat: Session, req: QueryRequest
+    ) -> tuple[list[GeneratedQuery], list[Reject]]:
         """One question per picked region crop (vision models only; a page without one: nothing)."""
         if not self.vision:
             return [], [
@@ -429,9 +439,10 @@ class VllmQueryGenerator:
         for region, image in zip(regions, fitted, strict=True):
             self.stats.crops_sent += 1
             pairs, error = await self._ask(
-                client, one, f"{req.page_id}#{region.index}",
+                chat,
+                one,
                 lambda attempt, r=region, im=image: self.composed_request_body(req, r, attempt, image=im),
-            )  # fmt: skip
+            )
             if not pairs and error:
                 rejects.append(self._reject(req, f"composed region {region.index}: {error}"))
             queries += [

@@ -28,10 +28,11 @@ import pytest
 from eval import rerank as R
 from eval.metrics import rank_docs
 from tasks.encoders import PageView
+from tasks.faults import EndpointUnavailable
 from tasks.llm.client import ChatEndpoint
 from tasks.llm.prompts import load_prompt
 from tasks.queries.vllm import Prompt
-from tests.support.vllm_server import free_port
+from tests.tasks.test_llm_client import REPLY, ScriptedServer, closed_port
 
 KEY_ENV = "M3DR_TEST_RERANK_API_KEY"
 URL_ENV = "M3DR_TEST_RERANK_URL"
@@ -220,19 +221,37 @@ def test_build_reranker_is_off_by_default_and_validates(monkeypatch):
     assert "sk-rerank-secret" not in repr(r) and f"env:{KEY_ENV}" in repr(r)
 
 
-def test_unreachable_server_keeps_first_stage_order_without_a_server():
-    """Nothing listens on the port: every pair fails after its retries, the benchmark goes on."""
-    port = free_port()
+def _faulty(url: str, **kw) -> R.VlmReranker:
     endpoint = ChatEndpoint(
-        base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff_s=0.01, connect_timeout_s=1
+        base_url=url, model="m", max_retries=1, backoff_s=0.01, max_backoff_s=0.02, connect_timeout_s=1, **kw
     )
-    r = R.VlmReranker(endpoint, modality="text", top_k=2)
-    run = {"q1": {"a": 0.3, "b": 0.2, "c": 0.1}, "q2": {"a": 1.0}}
-    res = r.rerank({"q1": "x", "q2": "y"}, run, lambda d: _page(d, "text"))
-    assert res.stats.requests == 3 and res.stats.failures == 3
-    assert res.stats.http_calls == 6 and res.stats.retries == 3
-    assert res.scores == {"q1": {}, "q2": {}} and set(res.failed["q1"]) == {"a", "b"}
-    assert all(rank_docs(res.run[q]) == rank_docs(run[q]) for q in run)
+    return R.VlmReranker(endpoint, modality="text", top_k=2)
+
+
+SMALL_RUN = {"q1": {"a": 0.3, "b": 0.2, "c": 0.1}, "q2": {"a": 1.0}}
+
+
+def test_unreachable_server_fails_the_benchmark_without_a_server():
+    """Nothing listens on the port: a dead reranker is a failed run (one error naming the endpoint),
+    not a silently un-reranked one; the other pairs stop instead of each using up its retries."""
+    port = closed_port()
+    r = _faulty(f"http://127.0.0.1:{port}/v1", concurrency=1)
+    with pytest.raises(EndpointUnavailable, match=f"endpoint 127.0.0.1:{port} unavailable: ConnectError"):
+        r.rerank({"q1": "x", "q2": "y"}, SMALL_RUN, lambda d: _page(d, "text"))
+    assert r.stats.requests == 3 and r.stats.http_calls == 2 and r.stats.retries == 1  # the first pair only
+
+
+def test_a_pair_the_server_refuses_or_cannot_judge_keeps_its_place():
+    """Bad input for one pair (400: e.g. a page too long; a reply without logprobs) fails that pair only:
+    the benchmark goes on with the first-stage order for it."""
+    for script, reply, error in (([400], None, "RequestRejected: HTTP 400"), ([200], REPLY, "ValueError")):
+        with ScriptedServer(script, reply=reply) as server:
+            r = _faulty(server.base_url)
+            res = r.rerank({"q1": "x", "q2": "y"}, SMALL_RUN, lambda d: _page(d, "text"))
+        assert res.stats.requests == res.stats.failures == 3 and server.hits == 3 and res.stats.retries == 0
+        assert all(msg.startswith(error) for f in res.failed.values() for msg in f.values())
+        assert res.scores == {"q1": {}, "q2": {}} and set(res.failed["q1"]) == {"a", "b"}
+        assert all(rank_docs(res.run[q]) == rank_docs(SMALL_RUN[q]) for q in SMALL_RUN)
 
 
 # ---------------------------------------------------------------------------- against the vLLM server
@@ -310,6 +329,7 @@ def test_rerank_portable_request_with_the_tiny_model(rerank_cfg, vllm_server, ca
     assert r.model_id == "llm-tiny" and r.reranker == "vllm:llm-tiny"
     assert res.stats.requests == n and res.stats.failures == 0 and res.failed == {}
     assert res.stats.http_calls == n + 1 and res.stats.retries == 0  # + GET /models for "auto"
+    assert res.stats.prompt_tokens > 0 and res.stats.completion_tokens == n  # one token per reply
     assert res.stats.missing_label == n and res.stats.seconds > 0
     for qid, js in res.judgements.items():
         for d, j in js.items():
@@ -361,23 +381,20 @@ def test_rerank_choice_constraint_gives_label_probabilities(rerank_cfg, vllm_ser
     assert res.scores["q-rail"]["rail-2022"] == pytest.approx(t / (t + f), abs=2e-2)
 
 
-def test_rerank_wrong_key_and_bad_url_keep_first_stage_order(rerank_cfg, monkeypatch):
+def test_rerank_wrong_key_and_bad_url_fail_the_run(rerank_cfg, monkeypatch):
+    """A wrong key fails every pair: one ``EndpointUnavailable`` naming the URL's source (never the URL
+    or the key), without retries, and the other pairs stop."""
     monkeypatch.setenv(KEY_ENV, "sk-wrong")
-    r = R.build_reranker(rerank_cfg | {"model": "llm-tiny"})
-    res = r.rerank(QUERIES, RUN, _pages)
-    n = res.stats.requests
-    assert res.stats.failures == n and res.stats.retries == 0 and res.stats.http_calls == n
-    assert all("401" in msg and "sk-wrong" not in msg for f in res.failed.values() for msg in f.values())
-    assert all(rank_docs(res.run[q]) == rank_docs(RUN[q]) for q in RUN) and res.scores == {q: {} for q in RUN}
-    # a URL where no server listens, model "auto": the model lookup fails, every pair keeps its place
-    monkeypatch.setenv(URL_ENV, f"http://127.0.0.1:{free_port()}/v1")
+    r = R.build_reranker(rerank_cfg | {"model": "llm-tiny", "concurrency": 1})
+    with pytest.raises(EndpointUnavailable, match=f"endpoint env:{URL_ENV} unavailable: HTTP 401") as caught:
+        r.rerank(QUERIES, RUN, _pages)
+    assert "sk-wrong" not in str(caught.value) and r.stats.retries == 0 and r.stats.http_calls == 1
+    # a URL where no server listens, model "auto": the model lookup fails after its retries
+    monkeypatch.setenv(URL_ENV, f"http://127.0.0.1:{closed_port()}/v1")
     r = R.build_reranker(rerank_cfg | {"max_retries": 2, "backoff_s": 0.01, "connect_timeout_s": 1})
-    res = r.rerank(QUERIES, RUN, _pages)
-    assert res.stats.failures == res.stats.requests == n and res.stats.http_calls == 3
-    assert all(msg.startswith("model lookup failed") for f in res.failed.values() for msg in f.values())
-    for q in RUN:
-        order = rank_docs(res.run[q])
-        assert order == rank_docs(RUN[q]) and _strictly_decreasing_f32(res.run[q], order)
+    with pytest.raises(EndpointUnavailable, match=f"endpoint env:{URL_ENV} unavailable: ConnectError"):
+        r.rerank(QUERIES, RUN, _pages)
+    assert r.stats.http_calls == 3 and r.stats.retries == 2 and r.model_id == "auto"
 
 
 def test_rerank_inside_a_running_event_loop(rerank_cfg):

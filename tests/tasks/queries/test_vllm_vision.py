@@ -29,6 +29,7 @@ from tasks.queries.filters import filter_queries
 from tasks.queries.pairing import query_rows
 from tasks.queries.vllm import VllmQueryGenerator
 from tasks.schema import COMPOSED_KIND, Region, RejectReason, image_bytes
+from tests.tasks.test_llm_client import ScriptedServer
 
 API_KEY = "sk-m3dr-vision-test-51c2"
 PAGE_TEXT = "Annual report 2023. The Northern Railway Company carried 4.2 million passengers. Freight rose."
@@ -115,6 +116,23 @@ def test_engine_sends_the_fitted_image_and_rejects_a_broken_one():
     assert out == [] and gen.stats.http_calls == 0
     assert [r.reason for r in rejects] == [RejectReason.QUERY_GENERATION_FAILED]
     assert rejects[0].message.startswith("page image: undecodable")
+
+
+def test_an_image_the_server_refuses_is_that_pages_reject():
+    """413 / 422 for a request carrying an image (too large, a format the server cannot read): bad input
+    of that page, a rejects row; the other pages go on (a real HTTP server on 127.0.0.1, scripted)."""
+    reqs = [
+        QueryRequest(f"p{i}", "en", PAGE_TEXT, image_png=_png(64, 48), kinds=("factual",)) for i in range(3)
+    ]
+    for status in (413, 422):
+        with ScriptedServer([status]) as server:
+            gen = VllmQueryGenerator(
+                ChatEndpoint(base_url=server.base_url, model="m", max_retries=2), vision=True
+            )
+            out, rejects = gen.generate_with_rejects(reqs)
+        assert out == [] and [r.input_ref for r in rejects] == ["p0", "p1", "p2"]
+        assert all(r.message.startswith(f"request rejected (HTTP {status}") for r in rejects)
+        assert gen.stats.images_sent == 3 and gen.stats.retries == 0 and server.hits == 3
 
 
 # ---------------------------------------------------------------------------- real vLLM server
