@@ -43,9 +43,7 @@ class SecretValue:
     """A secret resolved lazily on first use; ``repr``/``str`` never show it."""
 
     def __init__(self, loader: Callable[[], str | None], source: str) -> None:
-        self._loader = loader
-        self._value: str | None = None
-        self._loaded = False
+        self._loader, self._value, self._loaded = loader, None, False
         self.source = source  # where it comes from (env var / block name), safe to show
 
     def get(self) -> str | None:
@@ -121,8 +119,7 @@ def _sdk() -> tuple[type, type]:
     import openai
 
     class CountingTransport(httpx.AsyncHTTPTransport):
-        """Counts every attempt (the SDK's retries included) and its failures; once the endpoint is
-        broken it sends nothing more, so a request between retries stops at its next attempt."""
+        """Counts every attempt and failed attempt; sends nothing once the endpoint is broken."""
 
         def __init__(self, endpoint: ChatEndpoint, stats: CallStats, limits: httpx.Limits) -> None:
             super().__init__(limits=limits)
@@ -187,11 +184,7 @@ class ChatEndpoint:
         base_url = secret_from_config(cfg, "base_url")
         if base_url is None:
             raise ValueError(f"[{section}] engine 'vllm' needs base_url, base_url_env or base_url_secret")
-        options = {
-            f.name: getattr(cfg, f.name)
-            for f in fields(cls)
-            if f.init and f.name not in ("base_url", "api_key")
-        }
+        options = cfg.model_dump(include={f.name for f in fields(cls) if f.init} - {"base_url", "api_key"})
         return cls(base_url, secret_from_config(cfg, "api_key"), **options)
 
     @property
