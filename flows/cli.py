@@ -42,8 +42,13 @@ def synthesize(
     params = params_from(SynthesizeParams, options, build_models=False if no_build else None)
 
     from flows.synthesize import synthesize as flow
+    from tasks.ingest.sources import SourcesNotFound
 
-    result = flow(params)
+    try:
+        result = flow(params)
+    except SourcesNotFound as exc:  # a mistyped --sources: the run stopped before any work
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo("")
     typer.echo(f"pages per language : {json.dumps(result['pages_per_lang'])}")
     typer.echo(f"rejects by reason  : {json.dumps(result['rejects_by_reason'])}")

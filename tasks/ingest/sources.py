@@ -8,7 +8,8 @@ reason code from :class:`tasks.schema.RejectReason`); a problem with one page of
 a :class:`SourceError` in that page's place, so the good pages still come through. A PDF page whose
 text layer has (almost) no letters (a scan) is marked ``text_source="ocr"``.
 
-:func:`scan_sources` expands a directory, glob or list file into content-addressed :class:`SourceRef`.
+:func:`scan_sources` expands a directory, glob or list file into content-addressed :class:`SourceRef`;
+a spec that names nothing (a missing path, an empty glob, list or prefix) raises :class:`SourcesNotFound`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,17 @@ class SourceError(Exception):
         return Reject(
             stage=stage, input_ref=input_ref, reason=self.reason, message=self.message + where, lang=lang
         )
+
+
+class SourcesNotFound(ValueError):
+    """A ``--sources`` spec that names no source at all: a missing path, a glob or URL prefix matching
+    nothing, a list file listing nothing (or a missing file). Raised before any work, so a typo stops
+    the run instead of ending it as an empty dataset."""
+
+    def __init__(self, spec: str | Path, why: str) -> None:
+        super().__init__(f"sources {str(spec)!r}: {why}")
+        self.spec = str(spec)
+        self.why = why
 
 
 # ---------------------------------------------------------------------------- ids
@@ -384,7 +396,9 @@ def scan_sources(spec: str | Path, *, base: Path | None = None) -> list[SourceRe
     be a URL (``s3://bucket/prefix``, ``s3://bucket/docs/*.pdf``, ``hf://datasets/…``).
 
     Files are sorted, hashed by content (the source id) and de-duplicated by content. Unsupported
-    suffixes are kept: the ingest stage turns them into rejects rows with a clear reason.
+    suffixes are kept: the ingest stage turns them into rejects rows with a clear reason. A spec that
+    names no source file raises :class:`SourcesNotFound` (checked before any file is hashed); a
+    directory whose files are all done already is not that: it lists them, and the run is a no-op.
     """
     if is_url(spec):
         return _scan_url(str(spec))
@@ -392,22 +406,33 @@ def scan_sources(spec: str | Path, *, base: Path | None = None) -> list[SourceRe
     if spec_path.is_dir():
         files = sorted(p for p in spec_path.rglob("*") if p.is_file() and not p.name.startswith("."))
         rel_base = spec_path
+        empty = "directory holds no source file (PDF or image)"
     elif spec_path.is_file() and spec_path.suffix in {".txt", ".lst"}:
         files = [Path(line.strip()) for line in spec_path.read_text().splitlines() if line.strip()]
         rel_base = spec_path.parent
         files = [f if f.is_absolute() else rel_base / f for f in files]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise SourcesNotFound(spec, f"list file names missing files: {', '.join(missing[:3])}{more}")
+        empty = "list file lists no source file"
     elif spec_path.is_file():
         files, rel_base = [spec_path], spec_path.parent
+        empty = "is not a source file (PDF or image)"
     else:
         import glob
 
+        if not glob.has_magic(str(spec)):
+            raise SourcesNotFound(spec, "no such file or directory")
         files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file())
         rel_base = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
+        empty = "glob matches no source file"
+    files = [f for f in files if not _not_a_source(f.name, f.parent.name)]
+    if not files:
+        raise SourcesNotFound(spec, empty)
     base = base or rel_base
     refs: dict[str, SourceRef] = {}
     for f in files:
-        if _not_a_source(f.name, f.parent.name):
-            continue
         sid = source_id(f)
         if sid not in refs:
             refs[sid] = SourceRef(str(f), sid, os.path.relpath(f, base))
@@ -428,16 +453,27 @@ def _scan_url(spec: str) -> list[SourceRef]:
     if any(ch in path for ch in "*?["):
         files = sorted(fs.glob(path))
         base = path.split("*", 1)[0].rsplit("/", 1)[0]
+        empty = "glob matches no source object"
     elif fs.isdir(path):
         files = sorted(fs.find(path))
         base = path.rstrip("/")
-    else:
+        empty = "prefix holds no source object (PDF or image)"
+    elif fs.exists(path):
         files, base = [path], path.rsplit("/", 1)[0]
+        empty = "is not a source object (PDF or image)"
+    else:
+        raise SourcesNotFound(spec, "no object or prefix of that name")
+
+    def is_source(f: str) -> bool:
+        name, parent = f.rsplit("/", 1)[-1], f.rsplit("/", 2)[-2] if f.count("/") >= 1 else ""
+        return not (name.startswith(".") or _not_a_source(name, parent))
+
+    files = [f for f in files if is_source(f)]
+    if not files:
+        raise SourcesNotFound(spec, empty)
     refs: dict[str, SourceRef] = {}
     for f in files:
-        name, parent = f.rsplit("/", 1)[-1], f.rsplit("/", 2)[-2] if f.count("/") >= 1 else ""
-        if name.startswith(".") or _not_a_source(name, parent):
-            continue
+        name = f.rsplit("/", 1)[-1]
         url = f"{protocol}://{f}"
         sid = source_id(url)
         if sid not in refs:

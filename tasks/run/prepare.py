@@ -99,11 +99,13 @@ def prepare_run(
     build_models: bool = True,
 ) -> RunPlan:
     """Everything before the first shard task: validate the profile (a mistyped key stops the run
-    here), build and fingerprint models, import engines, record unknown languages and changed sources,
-    and plan the English shards still to ingest."""
+    here), list the sources (a spec naming none raises :class:`~tasks.ingest.sources.SourcesNotFound`
+    before the output root is created or a model built), build and fingerprint models, import engines,
+    record unknown languages and changed sources, and plan the English shards still to ingest."""
     store = open_store(out)
     profile = validate_profile(load_profile(profile_name))
     langs, unknown = languages.parse_langs(langs_spec)
+    refs = scan_sources(sources_spec)
     if store.local:
         store.local_path().mkdir(parents=True, exist_ok=True)
     fps = prepare_models(profile, build_models)
@@ -111,7 +113,6 @@ def prepare_run(
     manifest = Manifest(store)
     if unknown:
         reject_unknown_langs(store, unknown)
-    refs = scan_sources(sources_spec)
     changed = {sid: f"changed: {uri}" for sid, uri in changed_sources(refs, manifest).items()}
     if changed:
         manifest.supersede(changed)
