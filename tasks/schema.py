@@ -200,6 +200,7 @@ class RejectReason:
     UNSUPPORTED_TYPE = "unsupported_type"
     UNKNOWN_LANGUAGE = "unknown_language"
     NO_TEXT = "no_text"
+    SOURCE_LANGUAGE = "source_language"  # a source page whose text is not English (tasks.ingest.language)
     GLYPH_COVERAGE = "glyph_coverage"
     TEXT_DOES_NOT_FIT = "text_does_not_fit"
     TRANSLATION_FAILED = "translation_failed"

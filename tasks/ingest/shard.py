@@ -45,6 +45,7 @@ def ingest_shard(
 ) -> ShardResult:
     """Sources (whole, or page ranges of long ones) → English pages shard (page image + layout regions +
     region text) + rejects shard."""
+    from tasks.ingest.language import check_page_language
     from tasks.ingest.region_text import extract_region_text
     from tasks.ingest.sources import SourceError, iter_source_pages, local_source, page_id
 
@@ -78,6 +79,11 @@ def ingest_shard(
                         rejects.append(Reject("ingest", src.uri, item.reason, str(item.message), "en"))
                         continue
                     regions = extract_region_text(item, detector.detect(item.image), ocr)
+                    text = "\n".join(r.text for r in regions)
+                    bad = check_page_language(text, ingest, input_ref=src.uri, page_index=item.page_index)
+                    if bad is not None:
+                        rejects.append(bad)  # not English: no page for it
+                        continue
                     pid = page_id(src.source_id, item.page_index)
                     records.append(
                         PageRecord(
