@@ -615,12 +615,14 @@ def evaluate_location(
 ) -> SetResult:
     """Load one set and score it; a set that cannot be read becomes an error result (never raises)."""
     from eval.beir import BenchmarkError, load_benchmark
+    from tasks.faults import reject_or_raise
 
     try:
         bench = load_benchmark(location)
         bench.name = info.name
         bench.validate()
-    except (BenchmarkError, OSError, ValueError) as exc:
+    except (BenchmarkError, OSError, ValueError) as exc:  # a broken set, not a broken store or network
+        reject_or_raise(exc)
         if progress is not None:
             progress(f"set {info.name} ({location}) is rejected: {exc}")
         return SetResult(info.name, info.kind, info.language, info.suite, error=str(exc))

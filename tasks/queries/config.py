@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tasks.config import StrictModel
+from tasks.config import StrictModel, engine_union
 from tasks.llm.client import EndpointConfig
 from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE
 from tasks.queries.base import DEFAULT_KINDS
@@ -59,3 +59,5 @@ class VllmQueriesConfig(QueriesStage, EndpointConfig):
 
 
 QUERY_CONFIGS = {"extractive": ExtractiveConfig, "vllm": VllmQueriesConfig}
+
+QueriesConfig = engine_union("engine", "extractive", QUERY_CONFIGS)

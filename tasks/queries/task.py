@@ -15,7 +15,7 @@ def queries_shard_task(
     root: str,
     en_shard: str,
     langs: list[str],
-    profile: dict[str, Any],
+    cfg: Any,  # tasks.queries.config.QueriesConfig
     cross_lingual: bool,
     split_fractions: dict[str, float] | None,
 ) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def queries_shard_task(
         root,
         en_shard,
         langs,
-        profile,
+        cfg,
         cross_lingual=cross_lingual,
         split_fractions=split_fractions,
     )

@@ -8,29 +8,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tasks import languages
-from tasks.ingest.plan import changed_sources, done_en_shards, ingest_base_hash, ingest_config, plan_en_shards
+from tasks.config import plain
+from tasks.ingest.plan import changed_sources, done_en_shards, ingest_base_hash, plan_en_shards
 from tasks.ingest.sources import SourceRef, scan_sources
 from tasks.models import build_recipe, load_profile, model_fingerprint
-from tasks.run.profile import validate_profile
+from tasks.run.profile import Profile, validate_profile
 from tasks.schema import Reject, RejectReason
 from tasks.shards import Manifest, commit_rejects, config_hash
 from tasks.storage import Store, open_store
-from tasks.translate.shard import translate_config
 
 
-def prepare_models(profile: dict[str, Any], build: bool) -> dict[str, str]:
+def prepare_models(profile: Profile, build: bool) -> dict[str, str]:
     """Build missing recipe models (if allowed) and fingerprint every stage's model once per run."""
     if build:
         for stage in ("layout", "translate"):
-            source = profile.get(stage, {}).get("model", "")
+            source = profile.model_source(stage)
             if source.startswith("recipe:"):
                 build_recipe(source.split(":", 1)[1])
     return {
-        "layout": model_fingerprint(ingest_config(profile)["layout"]),
-        "translate": model_fingerprint(translate_config(profile, [])["translate"]),
+        "layout": model_fingerprint(plain(profile.layout)),
+        "translate": model_fingerprint(plain(profile.translate_stage().translate)),
     }
 
 
@@ -71,7 +70,7 @@ class RunPlan:
     """What one synthesize run will do: the validated profile, models, languages and shards to make."""
 
     root: str  # the output root: a local path or a URL
-    profile: dict[str, Any]
+    profile: Profile
     langs: list[str]
     unknown_langs: list[str]
     fingerprints: dict[str, str]

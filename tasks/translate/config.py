@@ -1,10 +1,13 @@
-"""Config model of the translate stage: ``[translate]``."""
+"""Config models of the translate stage: ``[translate]``, and the stage's typed sub-config."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from tasks.config import StrictModel
+from pydantic import field_validator
+
+from tasks.config import StrictModel, check_config
+from tasks.render.config import RenderConfig
 
 
 class Ct2TranslateConfig(StrictModel):
@@ -25,3 +28,29 @@ class Ct2TranslateConfig(StrictModel):
 
 
 TRANSLATE_CONFIGS = {"ctranslate2": Ct2TranslateConfig}
+
+
+class TranslateStageConfig(StrictModel):
+    """What decides a translated pages shard: ``[translate]``, ``[render]`` and the output formats."""
+
+    translate: Ct2TranslateConfig
+    render: RenderConfig = RenderConfig()
+    formats: tuple[str, ...] = ("png",)
+
+    @field_validator("render", mode="before")
+    @classmethod
+    def _render(cls, value: Any) -> Any:
+        """A ``[render]`` table is checked key by key (RenderConfig is a dataclass: unknown keys fail)."""
+        if isinstance(value, RenderConfig):
+            return value
+        return RenderConfig(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in check_config("render", value, RenderConfig).items()
+            }
+        )
+
+    @field_validator("formats", mode="after")
+    @classmethod
+    def _formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(set(value)))

@@ -5,51 +5,52 @@ re-rendered into their original boxes (PNG, optionally PDF), plus a rejects shar
 from __future__ import annotations
 
 import io
-import json
 import logging
 import unicodedata
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from tasks import languages
+from tasks.config import plain, stage_config
+from tasks.faults import reject_or_raise
 from tasks.models import model_fingerprint
 from tasks.schema import PAGES_SCHEMA, PageRecord, Reject, RejectReason, encode_png, pages_table
-from tasks.shards import (
-    Manifest,
-    ShardResult,
-    commit_stage,
-    completed,
-    config_hash,
-    config_key,
-    hash_id,
-)
+from tasks.shards import ShardResult, config_hash, config_key, hash_id
+from tasks.stage import ENGINES, ShardPlan, ShardStage, StageOutput, shard_name
 from tasks.storage import Store
+from tasks.translate.config import TranslateStageConfig
 
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=2)
-def _translator(cfg_json: str):
+def load_translator(translate: dict[str, Any], fingerprint: str = "") -> Any:
+    """The translator of a normalised ``[translate]`` table, once per process and model content (a
+    model replaced in place is loaded again)."""
     from tasks.translate.engine import build_translator
 
-    return build_translator(json.loads(cfg_json))
+    return ENGINES.get(("translate", config_key(translate), fingerprint), lambda: build_translator(translate))
 
 
-def translate_config(profile: dict[str, Any], formats: list[str]) -> dict[str, Any]:
-    """The part of a profile that decides translated pages shards' content."""
-    return {
-        "translate": profile.get("translate", {}),
-        "render": profile.get("render", {}),
-        "formats": sorted(formats),
-    }
+def translate_config(profile: Any, formats: list[str] | tuple[str, ...] = ("png",)) -> TranslateStageConfig:
+    """The part of a profile that decides translated pages shards' content, typed (a Profile, a profile
+    mapping, or the sub-config itself, whose formats then win)."""
+    if isinstance(profile, TranslateStageConfig):
+        return profile
+    return stage_config(TranslateStageConfig, {**_tables(profile), "formats": tuple(formats)})
+
+
+def _tables(profile: Any) -> dict[str, Any]:
+    if isinstance(profile, dict):
+        return profile
+    return {"translate": profile.translate, "render": profile.render}
 
 
 def lang_shard_name(en_name: str, lang: str) -> str:
-    return en_name.replace("pages-en-", f"pages-{lang}-", 1)
+    """The name of a group's pages shard in ``lang``."""
+    return shard_name("pages", en_name, lang)
 
 
 def has_letters(text: str) -> bool:
@@ -63,105 +64,104 @@ def memory_rel(lang: str, en_shard: str, translate_cfg: dict[str, Any], fps: dic
     return f"memory/{lang}/{en_shard}-{key}.parquet"
 
 
-def translate_shard(
-    root: Store | str | Path,
-    en_shard: str,
-    lang: str,
-    profile: dict[str, Any],
-    formats: list[str],
-    *,
-    model_fps: dict[str, str] | None = None,
-) -> ShardResult:
-    """English pages shard → the same pages translated into ``lang`` and re-rendered (+ rejects)."""
-    from tasks.render.config import RenderConfig, assert_raqm
-    from tasks.render.pdf import page_pdf
-    from tasks.render.png import render_page
-    from tasks.render.qa import QAStats, assert_tesseract
-    from tasks.translate.memory import TranslationMemory
-    from tasks.translate.texts import TranslateStats, translate_texts
+class TranslateStage(ShardStage):
+    """English pages shard → the same pages translated into ``lang`` and re-rendered (+ rejects).
 
-    languages.get(lang)
-    manifest = Manifest(root)
-    store = manifest.store
-    en_entry = manifest.get(en_shard)
-    if en_entry is None:
-        raise FileNotFoundError(f"English shard {en_shard} is not in the manifest of {root}")
-    cfg = translate_config(profile, formats)
-    fps = model_fps if model_fps is not None else {"translate": model_fingerprint(cfg["translate"])}
-    cfg_hash = config_hash({"cfg": cfg, "models": fps, "input": en_entry.sha256, "lang": lang})
-    name = lang_shard_name(en_shard, lang)
-    rel = f"pages/{lang}/{name}.parquet"
-    if done := completed(manifest, name, cfg_hash, "pages", lang, rel):
-        return done
+    A translator failure raises (a broken engine is not a property of the pages); a page whose text
+    cannot be rendered readably is a rejects row."""
 
-    assert_raqm()
-    render_cfg = RenderConfig(**cfg["render"])
-    if render_cfg.qa:
-        assert_tesseract([lang])
-    render_hash = config_hash({"render": render_cfg.to_dict(), "translate": cfg["translate"], "models": fps})
-    translator = _translator(config_key(cfg["translate"]))
-    cache = TranslationMemory(store, memory_rel(lang, en_shard, cfg["translate"], fps))
-    en_pages = [
-        PageRecord.from_row(r) for r in store.read_table(en_entry.path, schema=PAGES_SCHEMA).to_pylist()
-    ]
+    kind = "pages"
 
-    slots = [
-        (i, j)
-        for i, p in enumerate(en_pages)
-        for j, r in enumerate(p.regions)
-        if r.translatable and has_letters(r.text)
-    ]
-    texts = [en_pages[i].regions[j].text for i, j in slots]
-    stats = TranslateStats()
-    rejects: list[Reject] = []
-    try:
+    def __init__(
+        self,
+        root: Store | str | Path,
+        en_shard: str,
+        lang: str,
+        cfg: TranslateStageConfig | Any,
+        formats: list[str] | tuple[str, ...] = ("png",),
+        model_fps: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(root)
+        languages.get(lang)
+        self.en_shard, self.lang = en_shard, lang
+        self.cfg = translate_config(cfg, formats)
+        self.translate = plain(self.cfg.translate)
+        self.fps = model_fps if model_fps is not None else {"translate": model_fingerprint(self.translate)}
+
+    def plan(self) -> ShardPlan:
+        self.en_entry = self.manifest.get(self.en_shard)
+        if self.en_entry is None:
+            raise FileNotFoundError(f"English shard {self.en_shard} is not in the manifest of {self.store}")
+        cfg_hash = config_hash(
+            {"cfg": plain(self.cfg), "models": self.fps, "input": self.en_entry.sha256, "lang": self.lang}
+        )
+        name = lang_shard_name(self.en_shard, self.lang)
+        return ShardPlan(
+            name, self.lang, f"pages/{self.lang}/{name}.parquet", cfg_hash, {"inputs": [self.en_shard]}
+        )
+
+    def process(self, plan: ShardPlan) -> StageOutput:
+        from tasks.render.config import assert_raqm
+        from tasks.render.qa import QAStats, assert_tesseract
+        from tasks.translate.memory import TranslationMemory
+        from tasks.translate.texts import TranslateStats, translate_texts
+
+        lang, render_cfg, formats = self.lang, self.cfg.render, list(self.cfg.formats)
+        assert_raqm()
+        if render_cfg.qa:
+            assert_tesseract([lang])
+        render_hash = config_hash(
+            {"render": render_cfg.to_dict(), "translate": self.translate, "models": self.fps}
+        )
+        translator = load_translator(self.translate, self.fps.get("translate", ""))
+        cache = TranslationMemory(self.store, memory_rel(lang, self.en_shard, self.translate, self.fps))
+        en_pages = [
+            PageRecord.from_row(r)
+            for r in self.store.read_table(self.en_entry.path, schema=PAGES_SCHEMA).to_pylist()
+        ]
+        slots = [
+            (i, j)
+            for i, p in enumerate(en_pages)
+            for j, r in enumerate(p.regions)
+            if r.translatable and has_letters(r.text)
+        ]
+        stats = TranslateStats()
+        texts = [en_pages[i].regions[j].text for i, j in slots]
         translated = translate_texts(translator, texts, "en", lang, cache=cache, stats=stats)
         cache.save()  # before the shard's record: a rerun of this shard reuses its translations
-    except Exception as exc:
-        log.exception("translation failed for %s → %s", en_shard, lang)
-        rejects.append(Reject("translate", en_shard, RejectReason.TRANSLATION_FAILED, str(exc), lang))
-        translated = None
-
-    records: list[PageRecord] = []
-    if translated is not None:
         by_page: dict[int, dict[int, str]] = {}
         for (i, j), text in zip(slots, translated, strict=True):
             by_page.setdefault(i, {})[j] = text
+        records: list[PageRecord] = []
+        rejects: list[Reject] = []
         for i, page in enumerate(en_pages):
             if i not in by_page:  # nothing to translate (e.g. a picture-only page)
                 continue
             record, reject = _render_translation(
-                page,
-                by_page[i],
-                lang,
-                render_cfg,
-                render_hash,
-                formats,
-                translator.model_id,
-                cfg_hash,
-                render_page,
-                page_pdf,
+                page, by_page[i], lang, render_cfg, render_hash, formats, translator.model_id, plan.cfg_hash
             )
-            if reject is not None:
-                rejects.append(reject)
-            if record is not None:
-                records.append(record)
-    qa_stats = QAStats()
-    if render_cfg.qa and records:
-        records, qa_rejects = _render_qa(records, lang, render_cfg, qa_stats)
-        rejects.extend(qa_rejects)
-    return commit_stage(
-        root,
-        pages_table(records),
-        rejects,
-        name=name,
-        kind="pages",
-        lang=lang,
-        rel=rel,
-        cfg_hash=cfg_hash,
-        inputs=[en_shard],
-        extra={"translation": asdict(stats), "render_qa": asdict(qa_stats)},
-    )
+            rejects += [reject] if reject is not None else []
+            records += [record] if record is not None else []
+        qa_stats = QAStats()
+        if render_cfg.qa and records:
+            records, qa_rejects = _render_qa(records, lang, render_cfg, qa_stats)
+            rejects.extend(qa_rejects)
+        return StageOutput(
+            pages_table(records), rejects, {"translation": asdict(stats), "render_qa": asdict(qa_stats)}
+        )
+
+
+def translate_shard(
+    root: Store | str | Path,
+    en_shard: str,
+    lang: str,
+    profile: TranslateStageConfig | Any,
+    formats: list[str] | tuple[str, ...] = ("png",),
+    *,
+    model_fps: dict[str, str] | None = None,
+) -> ShardResult:
+    """English pages shard → the same pages translated into ``lang`` and re-rendered (+ rejects)."""
+    return TranslateStage(root, en_shard, lang, profile, formats, model_fps).run()
 
 
 def _render_qa(
@@ -208,10 +208,11 @@ def _render_translation(
     formats: list[str],
     model_id: str,
     cfg_hash: str,
-    render_page: Any,
-    page_pdf: Any,
 ) -> tuple[PageRecord | None, Reject | None]:
     """Render one translated page; a page with any region that cannot be rendered is rejected whole."""
+    from tasks.render.pdf import page_pdf
+    from tasks.render.png import render_page
+
     # Regions without a translation (figures, page numbers and other letter-free text) keep their pixels.
     regions = [
         type(r)(r.label, r.bbox, r.score, texts.get(j, r.text), j in texts, False)
@@ -227,7 +228,8 @@ def _render_translation(
     if "pdf" in formats:
         try:
             pdf_bytes = page_pdf(image, result.regions, lang, render_cfg)
-        except Exception as exc:
+        except Exception as exc:  # text the PDF layer cannot hold is a rejects row; a broken world raises
+            reject_or_raise(exc)
             return None, Reject("render", page.page_id, RejectReason.PDF_FAILED, str(exc), lang)
     return (
         PageRecord(

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import task
 
 from tasks.shards import timed
+from tasks.translate.config import TranslateStageConfig
 from tasks.translate.shard import translate_shard
 
 
@@ -15,9 +16,9 @@ def translate_shard_task(
     root: str,
     en_shard: str,
     lang: str,
-    profile: dict[str, Any],
+    cfg: TranslateStageConfig,
     formats: list[str],
     model_fps: dict[str, str],
 ) -> dict[str, Any]:
     """Prefect wrapper of :func:`translate_shard`."""
-    return timed(translate_shard, root, en_shard, lang, profile, formats, model_fps=model_fps)
+    return timed(translate_shard, root, en_shard, lang, cfg, formats, model_fps=model_fps)

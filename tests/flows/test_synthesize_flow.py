@@ -55,15 +55,12 @@ def flow_runs(tmp_path_factory, tiny_models, prefect_harness):
     sources = _small_sources(tmp, bad)
     first = _run(sources, tmp / "out-a")
     bytes_after_first = _shard_bytes(tmp / "out-a")
-    import tasks.ingest.shard as ingest
-    import tasks.translate.shard as translate
+    from tasks.stage import ENGINES
 
-    ingest._detector.cache_clear()
-    translate._translator.cache_clear()
+    ENGINES.clear()
+    loads_before = ENGINES.loads
     second = _run(sources, tmp / "out-a")
-    models_loaded_in_second = (
-        ingest._detector.cache_info().currsize + translate._translator.cache_info().currsize
-    )
+    models_loaded_in_second = ENGINES.loads - loads_before
     third = _run(sources, tmp / "out-b")
     return {
         "tmp": tmp,

@@ -8,14 +8,40 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ProfileError
+from tasks.config import ProfileError, plain
 from tasks.models import load_profile
-from tasks.run.profile import validate_profile
+from tasks.run.profile import Profile, validate_profile
 
 
 @pytest.mark.parametrize("name", ["tiny", "full"])
 def test_bundled_profiles_are_valid(name: str) -> None:
-    assert validate_profile(load_profile(name))["name"] == name
+    profile = validate_profile(load_profile(name))
+    assert isinstance(profile, Profile) and profile.name == name
+
+
+def test_a_default_spelled_out_changes_no_hash() -> None:
+    """Every default lives in the config models: writing one into a profile changes no stage's config
+    hash (so no shard is redone and no id changes)."""
+    from tasks.ingest.plan import ingest_base_hash
+    from tasks.negatives.index import index_config, negatives_config
+    from tasks.shards import config_hash
+
+    tiny = load_profile("tiny")
+    spelled = copy.deepcopy(tiny)
+    spelled["negatives"].setdefault("bm25", {})["k1"] = 1.2  # today's defaults, written out
+    spelled["negatives"]["bm25"]["b"] = 0.75
+    spelled.setdefault("ingest", {})["dpi"] = 144
+    spelled["render"]["grow_x"] = 1.5
+    spelled["queries"]["n"] = 1
+    a, b = validate_profile(tiny), validate_profile(spelled)
+    assert a == b
+    assert ingest_base_hash(a, "fp") == ingest_base_hash(b, "fp")
+    assert config_hash(plain(a.translate_stage())) == config_hash(plain(b.translate_stage()))
+    assert config_hash(plain(a.queries)) == config_hash(plain(b.queries))
+    for miner in ("bm25", "in-batch"):
+        na = negatives_config({**tiny, "negatives": {**tiny["negatives"], "miner": miner}})
+        nb = negatives_config({**spelled, "negatives": {**spelled["negatives"], "miner": miner}})
+        assert index_config(na, None) == index_config(nb, None) and na == nb
 
 
 @pytest.mark.parametrize(
