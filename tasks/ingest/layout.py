@@ -455,10 +455,9 @@ ENGINES: dict[str, Callable[[Mapping[str, Any]], LayoutDetector]] = {
 
 def build_layout_detector(cfg: Mapping[str, Any]) -> LayoutDetector:
     """Build the detector a profile's ``[layout]`` table names (``engine`` + ``model`` + options)."""
-    engine = cfg.get("engine")
+    from tasks.ingest.config import DEFAULT_LAYOUT, LAYOUT_CONFIGS
+
+    engine = dict(cfg).get("engine", DEFAULT_LAYOUT)
     if engine not in ENGINES:
         raise ValueError(f"unknown layout engine {engine!r}; known: {sorted(ENGINES)}")
-    from tasks.ingest.config import LAYOUT_CONFIGS
-
-    check_config("layout", cfg, LAYOUT_CONFIGS[engine])
-    return ENGINES[engine](cfg)
+    return ENGINES[engine](check_config("layout", cfg, LAYOUT_CONFIGS[engine]))  # normalised

@@ -91,13 +91,13 @@ OCR_ENGINES: dict[str, Callable[..., OcrEngine]] = {"rapidocr": RapidOcrEngine}
 
 def build_ocr(cfg: Mapping[str, Any]) -> OcrEngine | None:
     """Build the OCR engine a profile's ``[extract]`` table names; ``engine = "none"`` (or absent) → None."""
-    engine = cfg.get("engine", "none")
-    if engine in (None, "", "none"):
+    from tasks.ingest.config import DEFAULT_OCR, OCR_CONFIGS
+
+    engine = dict(cfg).get("engine") or DEFAULT_OCR
+    if engine == "none":
         return None
     if engine not in OCR_ENGINES:
         raise ValueError(f"unknown OCR engine {engine!r}; known: {sorted(OCR_ENGINES)} or 'none'")
-    from tasks.ingest.config import OCR_CONFIGS
-
-    check_config("extract", cfg, OCR_CONFIGS[engine])
+    cfg = check_config("extract", cfg, OCR_CONFIGS[engine])  # normalised: every key, defaults once
     options = {k: v for k, v in cfg.items() if k != "engine"}
     return OCR_ENGINES[engine](**options)

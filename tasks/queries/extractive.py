@@ -58,14 +58,10 @@ class ExtractiveQueryGenerator:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ExtractiveQueryGenerator:
-        kw: dict[str, Any] = {}
-        if "keywords" in cfg:
-            kw["keywords"] = tuple(cfg["keywords"])
-        if "phrase_units" in cfg:
-            kw["phrase_units"] = tuple(cfg["phrase_units"])
-        if "composed" in cfg:
-            kw["composed"] = ComposedConfig.model_validate(cfg["composed"])
-        return cls(**kw)
+        from tasks.queries.config import ExtractiveConfig
+
+        c = ExtractiveConfig.model_validate(cfg)  # every default lives in the model
+        return cls(keywords=tuple(c.keywords), phrase_units=tuple(c.phrase_units), composed=c.composed)
 
     @property
     def generator(self) -> str:

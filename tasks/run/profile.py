@@ -17,6 +17,8 @@ from pydantic import Field
 from tasks.config import ProfileError, StrictModel, check_config, pick_engine, plain
 from tasks.encoders import check_encoder_config
 from tasks.ingest.config import (
+    DEFAULT_LAYOUT,
+    DEFAULT_OCR,
     LAYOUT_CONFIGS,
     OCR_CONFIGS,
     IngestOptions,
@@ -28,9 +30,11 @@ from tasks.ingest.config import (
 )
 from tasks.negatives.base import ModalityMix
 from tasks.negatives.config import NegativesConfig
+from tasks.queries.config import DEFAULT_ENGINE as DEFAULT_QUERIES
 from tasks.queries.config import QUERY_CONFIGS, ExtractiveConfig, QueriesConfig
 from tasks.queries.filters import FilterConfig
 from tasks.render.config import RenderConfig
+from tasks.translate.config import DEFAULT_ENGINE as DEFAULT_TRANSLATE
 from tasks.translate.config import TRANSLATE_CONFIGS, Ct2TranslateConfig, TranslateStageConfig
 
 # Top-level keys of a profile besides the stage tables.
@@ -82,20 +86,22 @@ def validate_profile(profile: Mapping[str, Any] | Profile) -> Profile:
         tables["ingest"] = check_config("ingest", profile.get("ingest"), IngestOptions)
         layout = profile.get("layout")
         tables["layout"] = check_config(
-            "layout", layout, pick_engine("layout", layout, "engine", LAYOUT_CONFIGS, "rapid-layout")
+            "layout", layout, pick_engine("layout", layout, "engine", LAYOUT_CONFIGS, DEFAULT_LAYOUT)
         )
         extract = profile.get("extract")
         tables["extract"] = check_config(
-            "extract", extract, pick_engine("extract", extract, "engine", OCR_CONFIGS, "none")
+            "extract", extract, pick_engine("extract", extract, "engine", OCR_CONFIGS, DEFAULT_OCR)
         )
         if "translate" in profile:
             tr = profile["translate"]
             tables["translate"] = check_config(
-                "translate", tr, pick_engine("translate", tr, "engine", TRANSLATE_CONFIGS, "ctranslate2")
+                "translate", tr, pick_engine("translate", tr, "engine", TRANSLATE_CONFIGS, DEFAULT_TRANSLATE)
             )
         tables["render"] = check_config("render", profile.get("render"), RenderConfig)
         q = profile.get("queries")
-        queries = check_config("queries", q, pick_engine("queries", q, "engine", QUERY_CONFIGS, "extractive"))
+        queries = check_config(
+            "queries", q, pick_engine("queries", q, "engine", QUERY_CONFIGS, DEFAULT_QUERIES)
+        )
         queries["filter"] = check_config("queries.filter", (q or {}).get("filter"), FilterConfig)
         tables["queries"] = queries
         neg = check_config("negatives", profile.get("negatives"), NegativesConfig)

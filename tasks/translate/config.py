@@ -9,6 +9,8 @@ from pydantic import field_validator
 from tasks.config import StrictModel, check_config
 from tasks.render.config import RenderConfig
 
+DEFAULT_ENGINE = "ctranslate2"  # the [translate] engine when a table names none
+
 
 class Ct2TranslateConfig(StrictModel):
     """``[translate] engine = "ctranslate2"``: NLLB-200 (any M2M100-layout model) through CTranslate2."""

@@ -94,13 +94,16 @@ class CT2NllbTranslator:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> CT2NllbTranslator:
         """Build from a profile's ``[translate]`` table (converting a transformers checkpoint once)."""
-        device = cfg.get("device", "cpu")
+        from tasks.translate.config import Ct2TranslateConfig
+
+        cfg = check_config("translate", cfg, Ct2TranslateConfig)  # normalised: every key, defaults once
+        device = cfg["device"]
         if device.startswith("cuda"):
             import ctranslate2
 
             if ctranslate2.get_cuda_device_count() == 0:
                 raise RuntimeError("translate.device is cuda but CTranslate2 sees no CUDA device")
-        quant = cfg.get("quantization") or ("int8_float16" if device.startswith("cuda") else "int8")
+        quant = cfg["quantization"] or ("int8_float16" if device.startswith("cuda") else "int8")
         model_dir = ensure_ct2_model(cfg["model"], quantization=quant)
         keys = (
             "compute_type",
@@ -112,7 +115,7 @@ class CT2NllbTranslator:
             "no_repeat_ngram_size",
             "max_length_ratio",
         )
-        return cls(model_dir, device=device, **{k: cfg[k] for k in keys if k in cfg})
+        return cls(model_dir, device=device, **{k: cfg[k] for k in keys})
 
     # tokenisation ---------------------------------------------------------------------------------
 
@@ -252,13 +255,12 @@ def ensure_ct2_model(source: str, quantization: str = "int8") -> Path:
 
 def build_translator(cfg: dict[str, Any]) -> Translator:
     """The translator named by a profile's ``[translate]`` table (``engine`` → ``ENGINES``)."""
-    from tasks.translate.config import TRANSLATE_CONFIGS
+    from tasks.translate.config import DEFAULT_ENGINE
 
-    engine = cfg.get("engine", "ctranslate2")
+    engine = dict(cfg).get("engine", DEFAULT_ENGINE)
     if engine not in ENGINES:
         raise ValueError(f"unknown translate engine {engine!r}; known: {', '.join(sorted(ENGINES))}")
-    check_config("translate", cfg, TRANSLATE_CONFIGS[engine])
-    return ENGINES[engine].from_config(cfg)
+    return ENGINES[engine].from_config(cfg)  # validates and normalises its table
 
 
 def convert_nllb_to_ct2(hf_dir: Path, out_dir: Path, quantization: str = "int8") -> Path:
