@@ -27,7 +27,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +47,7 @@ from eval.retrieval import (
     unpack_multivectors,
 )
 from tasks.encoders import Encoder, PageView, build_encoder, l2_normalise
+from tasks.stage import ENGINES
 from tasks.storage import atomic_write
 from training.encoders import ENCODERS
 
@@ -583,8 +583,12 @@ def _row(name: str, e: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, A
     return row
 
 
-@lru_cache(maxsize=2)
 def _cached_runner(key: str) -> BenchmarkRunner:
+    """One runner per process and spec; the set tasks of a run (threads) asking at once load it once."""
+    return ENGINES.get(("benchmark-runner", key), lambda: _new_runner(key))
+
+
+def _new_runner(key: str) -> BenchmarkRunner:
     spec = json.loads(key)
     from eval.rerank import build_reranker
 

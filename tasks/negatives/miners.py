@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from tasks.negatives.bm25 import Bm25Segment, tokenize
 from tasks.negatives.config import normalise_negatives
 from tasks.negatives.selection import mine_negatives
 from tasks.shards import config_key
+from tasks.stage import ENGINES
 
 
 class _Scoring:
@@ -113,11 +113,15 @@ def _bm25(cfg: dict[str, Any], params: MiningParams, engines: EncoderTable | Non
     return BM25Miner(k1=float(cfg["bm25"]["k1"]), b=float(cfg["bm25"]["b"]), params=params)
 
 
-@lru_cache(maxsize=4)
 def _encoder_for(key: str, factory: EncoderFactory) -> Encoder:
-    """One loaded encoder per process, encoder table (its canonical JSON) and engine factory."""
-    cfg = json.loads(key)
-    return build_encoder(cfg, {cfg["engine"]: factory})
+    """One loaded encoder per process, encoder table (its canonical JSON) and engine factory (threads
+    asking at once load it once: ``tasks.stage.ENGINES``)."""
+
+    def load() -> Encoder:
+        cfg = json.loads(key)
+        return build_encoder(cfg, {cfg["engine"]: factory})
+
+    return ENGINES.get(("encoder", key, factory), load)
 
 
 def encoder_of(cfg: dict[str, Any], engines: EncoderTable | None = None) -> Encoder:
