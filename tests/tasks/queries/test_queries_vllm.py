@@ -67,7 +67,8 @@ def test_vllm_engine_end_to_end(engine_cfg, vllm_server, caplog):
     gen = build_query_generator(engine_cfg)
     reqs = _requests(n=2)
     out, rejects = gen.generate_with_rejects(reqs)
-    assert rejects == [] and gen.stats.retries == 0 and gen.stats.bad_replies == 0
+    why = f"rejects={rejects} stats={gen.stats}"  # says which one, should this ever fail
+    assert rejects == [] and gen.stats.retries == 0 and gen.stats.bad_replies == 0, why
     assert gen.model_id == "llm-tiny" and gen.generator == "vllm:llm-tiny"
     # the JSON-schema constraint held: exactly n per kind per page, only requested kinds, bounded length
     assert len(out) == len(reqs) * 3 * 2
