@@ -41,15 +41,6 @@ class EndpointUnavailable(WorldFault):
     (401/403/404: a wrong URL, key or model name fails every request, so it is not one page's fault)."""
 
 
-class StorageFault(WorldFault):
-    """The object store or file system failed to read or write (not a damaged input file)."""
-
-
-class EngineFault(WorldFault):
-    """An engine (translator, layout model, OCR) failed in a way that says nothing about the input:
-    a missing or unreadable model, out of memory, a crashed runtime."""
-
-
 class BadInput(ValueError):
     """Input this stage cannot use: becomes a rejects row with ``reason``; the shard completes."""
 
@@ -110,9 +101,7 @@ def describe(exc: BaseException) -> str:
 __all__ = [
     "BadInput",
     "EndpointUnavailable",
-    "EngineFault",
     "ShardsFailed",
-    "StorageFault",
     "WorldFault",
     "describe",
     "is_world_fault",
