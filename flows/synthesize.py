@@ -285,6 +285,8 @@ class ShardWindow:
                         st["rows"] += result["rows"]
                         st["task_s"] += float(result.get("seconds") or 0.0)
                     for d in dependents.pop(job, []):
+                        if d not in remaining:  # blocked by another input that failed
+                            continue
                         remaining[d].discard(job)
                         if not remaining[d]:
                             newly.append(d)
