@@ -37,7 +37,7 @@ def retry_options(retries: int, delay_s: float) -> dict[str, Any]:
     def world_fault(task: Any, task_run: Any, state: Any) -> bool:
         try:
             state.result()
-        except Exception as exc:
+        except Exception as exc:  # the failed state's own exception, classified; the state stays failed
             return is_world_fault(exc)
         return False
 

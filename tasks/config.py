@@ -95,11 +95,13 @@ def engine_union(key: str, default: str, models: Mapping[str, type[BaseModel]]) 
     return Annotated[Union[choices], Discriminator(pick)]  # noqa: UP007 (a runtime tuple of types)
 
 
-def stage_config(model: type[BaseModel], value: Any) -> Any:
-    """A stage's typed sub-config from itself, or from a profile mapping (its tables picked by field name,
-    validated: unknown keys inside a table fail, other tables of the profile are not this stage's)."""
-    if isinstance(value, model):
+def stage_config(model: type[BaseModel], value: Any, **overrides: Any) -> Any:
+    """A stage's typed sub-config from itself, or from a profile (a Profile or a mapping: its tables
+    picked by field name, validated: unknown keys inside a table fail, other tables are not this
+    stage's); ``overrides``: fields that do not come from the profile (e.g. the run's formats)."""
+    if isinstance(value, model) and not overrides:
         return value
     if isinstance(value, BaseModel):
         value = {k: getattr(value, k) for k in model.model_fields if hasattr(value, k)}
-    return model.model_validate({k: v for k, v in dict(value or {}).items() if k in model.model_fields})
+    picked = {k: v for k, v in dict(value or {}).items() if k in model.model_fields}
+    return model.model_validate({**picked, **overrides})

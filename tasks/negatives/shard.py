@@ -73,6 +73,7 @@ class TrainStage(ShardStage):
         self.en_shard, self.cfg = en_shard, negatives_config(cfg)  # normalised table: miners read it
         self.config = NegativesConfig.model_validate(self.cfg)  # typed: what the index functions take
         self.split_fractions, self.splits, self.engines = split_fractions, splits, engines
+        self._group: tuple[list[PageView], dict[str, str]] | None = None  # in-batch: read once, if needed
 
     def plan(self) -> ShardPlan:
         self.q_entry = self.manifest.get(queries_shard_name(self.en_shard))
@@ -124,7 +125,7 @@ class TrainStage(ShardStage):
 
         views = [QueryView.from_row(r) for r in qs]
         if isinstance(miner, InBatchMiner):
-            if not hasattr(self, "_group"):
+            if self._group is None:
                 self._group = group_corpus(self.manifest, self.en_shard)
             corpus_all, source_of = self._group
             corpus = [

@@ -39,13 +39,7 @@ def translate_config(profile: Any, formats: list[str] | tuple[str, ...] = ("png"
     mapping, or the sub-config itself, whose formats then win)."""
     if isinstance(profile, TranslateStageConfig):
         return profile
-    return stage_config(TranslateStageConfig, {**_tables(profile), "formats": tuple(formats)})
-
-
-def _tables(profile: Any) -> dict[str, Any]:
-    if isinstance(profile, dict):
-        return profile
-    return {"translate": profile.translate, "render": profile.render}
+    return stage_config(TranslateStageConfig, profile, formats=tuple(formats))
 
 
 def lang_shard_name(en_name: str, lang: str) -> str:
