@@ -143,8 +143,18 @@ class TrainConfig(BaseModel):
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    gradient_checkpointing: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # recompute activations in backward: memory for time (~30 %); None: on with CUDA, off on CPU
+    gradient_checkpointing: bool | None = None
+    # auto: on CUDA the frozen backbone's weights are bf16 and the step runs under bf16 autocast (LoRA
+    # adapters and heads stay fp32: peft upcasts adapters, the heads are built fp32); fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # GradCache (Gao et al. 2021, Tevatron / sentence-transformers' CachedMNRL): embed the micro-batch
+    # without a graph in chunks of this many inputs, take the loss and its gradient w.r.t. the
+    # embeddings, then re-run each chunk with a graph and back-propagate that gradient. Same loss and
+    # gradients as the whole batch (tests/training/test_grad_cache.py); memory set by the chunk, so the
+    # in-batch pool (ranks × batch_size × (1 + num_negatives)) can grow. None: off.
+    grad_cache_chunk: int | None = Field(None, ge=1)
     seed: int = 0
     # checkpoints
     checkpoint_every: int = 50  # optimizer steps; 0: only at the end
@@ -152,6 +162,7 @@ class TrainConfig(BaseModel):
     resume: bool = True  # continue from the last complete checkpoint in out_dir if there is one
     num_threads: int | None = None  # torch CPU threads (None: torch default)
     num_workers: int = 0  # DataLoader worker processes decoding/collating batches ahead of the step
+    prefetch_factor: int = Field(2, ge=1)  # batches each worker keeps ready
     log_every: int = 10
 
     @model_validator(mode="after")
@@ -172,9 +183,29 @@ class TrainConfig(BaseModel):
     def multivector(self) -> bool:
         return self.retriever in ("multivector", "both")
 
+    def bf16(self, device_type: str) -> bool:
+        """Whether the frozen backbone is held in bf16 and the step runs under bf16 autocast on
+        ``device_type`` (see ``precision``)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
+    def checkpointing(self, device_type: str) -> bool:
+        """Whether gradient checkpointing is on for ``device_type`` (None: on CUDA only)."""
+        if self.gradient_checkpointing is None:
+            return device_type == "cuda"
+        return self.gradient_checkpointing
+
     def hash_fields(self) -> dict:
         """The fields that must match for a checkpoint to be resumed (not logging/resume knobs)."""
-        skip = {"resume", "checkpoint_every", "keep_checkpoints", "log_every", "num_threads", "num_workers"}
+        skip = {
+            "resume",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "num_threads",
+            "num_workers",
+            "prefetch_factor",
+            "grad_cache_chunk",  # same loss and gradients in any chunking: a memory knob
+        }
         return self.model_dump(mode="json", exclude=skip)
 
 

@@ -26,6 +26,12 @@ import torch.nn.functional as F
 DenseLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or kept as is when wider (fp64 runs: the GradCache tests compare in fp64, where
+    summation order cannot hide a wrong gradient)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _masked_ce(scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy of ``scores`` [B, N] against ``pos`` [B], with invalid candidates removed."""
     if valid is not None:
@@ -47,8 +53,8 @@ def info_nce(
 
     Inputs are (re-)normalised here so the loss is a cosine loss whatever the caller passes.
     """
-    q = F.normalize(q.float(), dim=-1)
-    docs = F.normalize(docs.float(), dim=-1)
+    q = F.normalize(at_least_fp32(q), dim=-1)
+    docs = F.normalize(at_least_fp32(docs), dim=-1)
     return _masked_ce(q @ docs.T / temperature, pos, valid)
 
 
@@ -103,7 +109,7 @@ def maxsim(q: torch.Tensor, q_mask: torch.Tensor, docs: torch.Tensor, d_mask: to
     """Late-interaction scores. q ``[B, Lq, D]``, q_mask ``[B, Lq]``, docs ``[N, Ld, D]``, d_mask
     ``[N, Ld]`` → ``[B, N]``: Σ over valid query tokens of the max over valid document tokens of the dot.
     """
-    sim = torch.einsum("bqd,nkd->bnqk", q.float(), docs.float())  # [B, N, Lq, Ld]
+    sim = torch.einsum("bqd,nkd->bnqk", at_least_fp32(q), at_least_fp32(docs))  # [B, N, Lq, Ld]
     sim = sim.masked_fill(~d_mask.bool()[None, :, None, :], torch.finfo(sim.dtype).min)
     best = sim.max(dim=-1).values  # [B, N, Lq]
     best = best.masked_fill(~q_mask.bool()[:, None, :], 0.0)

@@ -28,6 +28,7 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.data import MULTI_PREFIX
+from training.losses import at_least_fp32
 
 HEADS_FILE = "heads.safetensors"
 RETRIEVER_FILE = "retriever.json"
@@ -102,12 +103,13 @@ class RetrieverModel(nn.Module):
         hidden = self.hidden(base)
         out: dict[str, torch.Tensor] = {}
         if self.dense:
-            out["dense"] = F.normalize(last_token_pool(hidden).float(), dim=-1)
+            out["dense"] = F.normalize(at_least_fp32(last_token_pool(hidden)), dim=-1)
         if self.multivector:
             assert self.multi_head is not None
             multi_inputs = own or base
             h = self.hidden(own) if own else hidden
-            out["multi"] = F.normalize(self.multi_head(h.to(self.multi_head.weight.dtype)).float(), dim=-1)
+            multi = self.multi_head(h.to(self.multi_head.weight.dtype))
+            out["multi"] = F.normalize(at_least_fp32(multi), dim=-1)
             out["mask"] = multi_inputs["attention_mask"].bool()
         return out
 
@@ -140,11 +142,16 @@ def load_processor(model_dir: Path) -> Any:
     return processor
 
 
-def load_backbone(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The image-text-to-text model (``Gemma3ForConditionalGeneration`` for Gemma-3) in eval mode."""
+def load_backbone(
+    model_dir: Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> nn.Module:
+    """The image-text-to-text model (``Gemma3ForConditionalGeneration`` for Gemma-3) in eval mode, its
+    weights in ``dtype`` and its attention implementation named (not left to transformers' choice)."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(model_dir), dtype=dtype, attn_implementation=attn_implementation
+    )
     model.eval()
     return model
 
@@ -169,9 +176,17 @@ def apply_lora(backbone: nn.Module, config: TrainConfig) -> nn.Module:
     return get_peft_model(backbone, lcfg)
 
 
-def build_retriever(model_dir: Path, config: TrainConfig, *, for_training: bool = True) -> RetrieverModel:
-    """Load the backbone from ``model_dir``, add LoRA (if enabled) and the heads for ``config``."""
-    backbone = load_backbone(model_dir)
+def build_retriever(
+    model_dir: Path, config: TrainConfig, *, for_training: bool = True, device_type: str = "cpu"
+) -> RetrieverModel:
+    """Load the backbone from ``model_dir``, add LoRA (if enabled) and the heads for ``config``.
+
+    On ``device_type`` where ``config.bf16`` holds the frozen weights load in bf16 (half the memory of
+    fp32, and no bf16 copies kept by autocast for backward); peft keeps the LoRA adapters in fp32
+    (``autocast_adapter_dtype``) and the heads are built in fp32, so optimizer state and updates stay fp32.
+    """
+    dtype = torch.bfloat16 if config.bf16(device_type) else torch.float32
+    backbone = load_backbone(model_dir, dtype=dtype, attn_implementation=config.attn_implementation)
     hidden = hidden_size_of(backbone)
     if config.dense and max(config.matryoshka_dims) > hidden:
         raise ValueError(f"matryoshka dim {max(config.matryoshka_dims)} > hidden size {hidden}")
@@ -181,7 +196,7 @@ def build_retriever(model_dir: Path, config: TrainConfig, *, for_training: bool 
         else:
             for p in backbone.parameters():
                 p.requires_grad_(True)
-        if config.gradient_checkpointing:
+        if config.checkpointing(device_type):
             base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = RetrieverModel(

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tasks.shards import config_hash
+from tasks.shards import config_hash, hash_id
 from training.config import TrainConfig, TrainResult
 from training.data import (
     Batch,
@@ -224,17 +224,34 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _rng_state() -> dict[str, Any]:
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s step-time randomness (LoRA dropout): its own per rank, so ranks do not
+    drop the same units; rank 0 keeps ``seed`` (a single process is seeded as it always was)."""
+    return seed if rank == 0 else int(hash_id("rank-seed", seed, rank, n=12), 16)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        cuda = state["cuda"]  # checkpoints before per-rank states held every device's
+        torch.cuda.set_rng_state(cuda[device.index or 0] if isinstance(cuda, list) else cuda, device)
+
+
+def gather_rng_states(info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective: all ranks call it; rank 0 saves them)."""
+    mine = _rng_state(info.device)
+    if not info.distributed:
+        return [mine]
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def save_checkpoint(
@@ -246,6 +263,7 @@ def save_checkpoint(
     state: dict[str, Any],
     meta: dict[str, Any],
     keep: int,
+    rng: list[dict[str, Any]],
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically (temp dir + rename + completion mark); prune old ones."""
     root = Path(out_dir) / CHECKPOINTS_DIR
@@ -255,7 +273,7 @@ def save_checkpoint(
     save_weights(model, tmp, meta)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save({"ranks": rng}, tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
     for f in tmp.rglob("*"):
         if f.is_file():
@@ -288,18 +306,33 @@ def load_weights_into(model: RetrieverModel, src: Path) -> None:
 
 
 def resume_from(
-    ckpt: Path, model: RetrieverModel, optimizer: torch.optim.Optimizer, scheduler: Any, cfg_hash: str
+    ckpt: Path,
+    model: RetrieverModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg_hash: str,
+    info: DistInfo,
 ) -> dict[str, Any]:
+    """Load a checkpoint into this rank; refuse one of another config or another number of processes."""
     state = json.loads((ckpt / STATE_FILE).read_text())
     if state["config_hash"] != cfg_hash:
         raise RuntimeError(
             f"checkpoint {ckpt} was written by a different training config ({state['config_hash']} != "
             f"{cfg_hash}); use a new out_dir or resume=False"
         )
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != info.world_size:
+        raise RuntimeError(
+            f"checkpoint {ckpt} was written by a run on {saved_world} process(es), this one has "
+            f"{info.world_size}: the global batch (batch_size × processes) and with it the data order "
+            f"and the learning-rate schedule would change mid-run. Resume with {saved_world} process(es) "
+            "(train-netra `gpus`), or start a new out_dir (resume=False) for the new layout"
+        )
     load_weights_into(model, ckpt)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    _set_rng_state(rng["ranks"][info.rank] if "ranks" in rng else rng, info.device)
     return state
 
 
@@ -320,8 +353,8 @@ def resolve_model_dir(source: str, info: DistInfo | None = None) -> Path:
 
 
 def autocast_context(config: TrainConfig, device: torch.device):
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast where ``config`` trains in bf16 on ``device`` (see ``TrainConfig.precision``)."""
+    if config.bf16(device.type):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -354,7 +387,13 @@ class _MicroBatches(torch.utils.data.Dataset):
         return self.collator(self.plan_for(g), g)
 
 
-def _iter_batches(ds: _MicroBatches, num_workers: int) -> Iterator[Batch]:
+def _iter_batches(
+    ds: _MicroBatches, num_workers: int, *, prefetch_factor: int = 2, pin_memory: bool = False
+) -> Iterator[Batch]:
+    """Micro-batches in order: in this process (``num_workers = 0``) or from worker processes that decode
+    and collate ahead of the step (one loader for the whole run, so its workers live as long as it;
+    pinned host memory for non-blocking copies to the GPU). A batch depends only on its micro-step, so
+    the two give identical batches (tests/training/test_train_pipeline.py)."""
     if num_workers <= 0:
         for i in range(len(ds)):
             yield ds[i]
@@ -364,10 +403,108 @@ def _iter_batches(ds: _MicroBatches, num_workers: int) -> Iterator[Batch]:
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        prefetch_factor=2,
-        persistent_workers=False,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=True,
+        pin_memory=pin_memory,
+        # its own generator: a loader otherwise draws its workers' base seed from the global RNG, which
+        # would shift the dropout masks of every step after it (found by the 0-vs-2-workers test)
+        generator=torch.Generator().manual_seed(0),
     )
     yield from loader
+
+
+# ------------------------------------------------------------------------------------------ GradCache
+
+
+def _rows(inputs: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    return {k: v[start:stop] for k, v in inputs.items()}
+
+
+def _spans(inputs: dict[str, torch.Tensor], chunk: int) -> list[tuple[int, int]]:
+    """Row spans of ``chunk`` inputs; every tensor of a batch must be batch-first (one image per row)."""
+    sizes = {v.shape[0] for v in inputs.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"GradCache splits batch-first inputs; these have row counts {sorted(sizes)}")
+    n = sizes.pop()
+    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+
+
+class _RandomState:
+    """The torch RNG state (CPU + this device's CUDA generator) before a chunk's first pass, restored
+    before its second so dropout draws the same masks both times."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.state = _rng_state(device)
+
+    def restore(self) -> None:
+        _set_rng_state(self.state, self.device)
+
+
+def grad_cache_backward(
+    embed: Any,
+    batch: Batch,
+    objective: RetrievalObjective,
+    info: DistInfo,
+    chunk: int,
+    autocast: Any,
+    divisor: int = 1,
+) -> torch.Tensor:
+    """GradCache (Gao et al. 2021): the loss of the whole micro-batch and its parameter gradients,
+    accumulated into ``.grad``, with the activations of only ``chunk`` inputs alive at a time.
+
+    1. Embed queries and documents in chunks with no graph (each chunk's RNG state kept).
+    2. Loss over the detached embeddings (all-gathered across ranks as usual) and its gradient w.r.t.
+       each embedding: the only place the whole batch meets, and it is small (``[B, d]`` / ``[N, L, D]``).
+    3. Re-embed each chunk with a graph under its saved RNG state and back-propagate that gradient.
+
+    ``embed(inputs) -> {name: tensor}`` is :meth:`RetrieverModel.embed`; ``autocast()`` a fresh autocast
+    context; the loss is divided by ``divisor`` (gradient accumulation). Returns the detached loss.
+    """
+    sides = (batch.queries, batch.docs)
+    reps: list[dict[str, torch.Tensor]] = []
+    states: list[list[_RandomState]] = []
+    with torch.no_grad():
+        for inputs in sides:
+            parts, rngs = [], []
+            for a, b in _spans(inputs, chunk):
+                rngs.append(_RandomState(info.device))
+                with autocast():
+                    parts.append(embed(_rows(inputs, a, b)))
+            reps.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+            states.append(rngs)
+    end = _RandomState(info.device)
+    leaves = [{k: v.detach().requires_grad_(v.is_floating_point()) for k, v in r.items()} for r in reps]
+    loss = objective(leaves[0], leaves[1], batch, info) / divisor
+    loss.backward()
+    for inputs, leaf, rngs in zip(sides, leaves, states, strict=True):
+        for (a, b), rng in zip(_spans(inputs, chunk), rngs, strict=True):
+            rng.restore()
+            with autocast():
+                out = embed(_rows(inputs, a, b))
+            pairs = [(out[k], leaf[k].grad[a:b]) for k in out if leaf[k].grad is not None]
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    end.restore()
+    return loss.detach()
+
+
+def average_gradients(params: Sequence[nn.Parameter], info: DistInfo) -> None:
+    """Mean of every rank's gradients in one all-reduce (what DDP does, for the GradCache path, which
+    runs without the DDP wrapper: its chunked forwards would each look like an iteration to DDP)."""
+    if not info.distributed:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def phase_text_examples(config: TrainConfig, examples: list, store: PageStore) -> list:
@@ -387,32 +524,28 @@ def phase_text_examples(config: TrainConfig, examples: list, store: PageStore) -
 # ------------------------------------------------------------------------------------------ train
 
 
-def train(
-    config: TrainConfig, train_shards: Sequence[Path], pages_shards: Sequence[Path], out_dir: Path
-) -> TrainResult:
-    """Train the retriever(s) of ``config`` on train shards over pages shards; write checkpoints and the
-    final adapter + heads (``out_dir/final``) and return the loss history.
+@dataclass
+class TrainData:
+    """What the steps read: the page store, the examples and the deterministic plan of micro-batches."""
 
-    Single process on CPU / one GPU, or one process per GPU under torchrun (rank-aware: only rank 0
-    writes). With ``config.resume`` a previous run in ``out_dir`` continues from its last checkpoint.
-    """
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    info = init_distributed()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    cfg_hash = config_hash(config.hash_fields())
+    store: PageStore
+    examples: list
+    global_batch: int
+    plan_for: Any  # micro-step g → example indices of its global batch
+    per_epoch: int  # global batches in one epoch
 
-    model_dir = resolve_model_dir(config.model, info)
-    processor = load_processor(model_dir)
-    store = PageStore([Path(p) for p in pages_shards])
-    examples, dropped = load_examples([Path(p) for p in train_shards], store, config.splits)
+
+def load_train_data(
+    config: TrainConfig, train_shards: Sequence[str | Path], pages_shards: Sequence[str | Path], world: int
+) -> TrainData:
+    """Examples over a lazily read page store, and the epoch plans (one cached at a time)."""
+    store = PageStore(list(pages_shards))
+    examples, dropped = load_examples(list(train_shards), store, config.splits)
     if dropped:
         log.warning("%d train rows skipped: positive page not in the pages shards", dropped)
     if config.phase == "text":
         examples = phase_text_examples(config, examples, store)
-    global_batch = config.batch_size * info.world_size
+    global_batch = config.batch_size * world
     length = example_length(store, config.prompts)
     plans: dict[int, list[list[int]]] = {}
 
@@ -438,129 +571,225 @@ def train(
         epoch, i = divmod(g, per_epoch)
         return plan_for_epoch(epoch)[i]
 
-    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+    return TrainData(store, examples, global_batch, plan_for, per_epoch)
 
-    model = build_retriever(model_dir, config).to(info.device)
-    model.train()
-    optimizer = build_optimizer(model, config)
-    from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total)
-    meta = retriever_meta(
-        config, base_model=str(model_dir), merged=False, hidden_size=hidden_size_of(model.backbone)
-    )
+class Trainer:
+    """One training run in the units a reader looks for: setup (data, model, optimizer, resume),
+    :meth:`micro_step`, :meth:`optimizer_step`, :meth:`log_step`, :meth:`checkpoint`, :meth:`finish`;
+    :meth:`run` strings them together."""
 
-    if config.init_from:  # a previous phase's weights (a checkpoint of this run still wins below)
-        load_weights_into(model, Path(config.init_from))
-        log.info("initialised from %s", config.init_from)
-    start, losses, resumed = 0, [], 0
-    ckpt = latest_checkpoint(out_dir) if config.resume else None
-    if ckpt is not None:
-        state = resume_from(ckpt, model, optimizer, scheduler, cfg_hash)
-        start, losses, resumed = int(state["step"]), list(state["losses"]), int(state["step"])
-        log.info("resumed from %s (step %d)", ckpt, start)
-
-    ddp: nn.Module = model
-    if info.distributed:
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_shards: Sequence[str | Path],
+        pages_shards: Sequence[str | Path],
+        out_dir: Path,
+    ) -> None:
+        self.t0 = time.perf_counter()
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.info = info = init_distributed()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)  # the model's initial weights: the same on every rank
+        self.cfg_hash = config_hash(config.hash_fields())
+        model_dir = resolve_model_dir(config.model, info)
+        self.processor = load_processor(model_dir)
+        self.data = load_train_data(config, train_shards, pages_shards, info.world_size)
+        self.total = config.max_steps or max(
+            1, math.ceil(config.epochs * self.data.per_epoch / config.grad_accum)
         )
-    objective = RetrievalObjective(config)
-    formatter = PromptFormatter(processor, config.prompts)
-    collator = Collator(
-        formatter,
-        store,
-        examples,
-        num_negatives=config.num_negatives,
-        seed=config.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        dense=config.dense,
-        multi=config.multivector,
-    )
-    batches = _iter_batches(
-        _MicroBatches(plan_for, collator, start * config.grad_accum, total * config.grad_accum),
-        config.num_workers,
-    )
-    data_s = compute_s = 0.0
-    last_ckpt = ckpt
-    log_path = out_dir / "train_log.jsonl"
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    for step in range(start, total):
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            t_data = time.perf_counter()
-            batch = next(batches).to(info.device)
-            t_comp = time.perf_counter()
-            data_s += t_comp - t_data
-            sync = micro == config.grad_accum - 1 or not info.distributed
-            ctx = nullcontext() if sync else ddp.no_sync()
-            with ctx:
-                with autocast_context(config, info.device):
-                    q, d = ddp(batch.queries, batch.docs)
-                loss = objective(q, d, batch, info) / config.grad_accum
-                loss.backward()
-            step_loss += float(loss.detach())
-            compute_s += time.perf_counter() - t_comp
-        t_comp = time.perf_counter()
-        # the pre-clip global norm (DDP has all-reduced the gradients: every rank sees the same one)
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad],
-                config.max_grad_norm if config.max_grad_norm > 0 else math.inf,
+        self.model = build_retriever(model_dir, config, device_type=info.device.type).to(info.device)
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, config)
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, self.total)
+        self.meta = retriever_meta(
+            config, base_model=str(model_dir), merged=False, hidden_size=hidden_size_of(self.model.backbone)
+        )
+        if config.init_from:  # a previous phase's weights (a checkpoint of this run still wins below)
+            load_weights_into(self.model, Path(config.init_from))
+            log.info("initialised from %s", config.init_from)
+        torch.manual_seed(rank_seed(config.seed, info.rank))  # dropout: each rank its own masks
+        self.start, self.losses = 0, []
+        self.last_ckpt = latest_checkpoint(self.out_dir) if config.resume else None
+        if self.last_ckpt is not None:
+            state = resume_from(
+                self.last_ckpt, self.model, self.optimizer, self.scheduler, self.cfg_hash, info
             )
+            self.start, self.losses = int(state["step"]), list(state["losses"])
+            log.info("resumed from %s (step %d)", self.last_ckpt, self.start)
+        self.resumed = self.start
+        # GradCache re-runs chunks of a batch: DDP would count each as an iteration, so that path
+        # averages gradients itself (average_gradients) and runs the bare model.
+        self.ddp: nn.Module = self.model
+        if info.distributed and not config.grad_cache_chunk:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+            )
+        self.objective = RetrievalObjective(config)
+        self.data_s = self.compute_s = 0.0
+        self.log_path = self.out_dir / "train_log.jsonl"
+
+    # -- the units ------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[Batch]:
+        """This rank's micro-batches from the resume point on (decoded ahead in workers if asked)."""
+        c, info = self.config, self.info
+        collator = Collator(
+            PromptFormatter(self.processor, c.prompts),
+            self.data.store,
+            self.data.examples,
+            num_negatives=c.num_negatives,
+            seed=c.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            dense=c.dense,
+            multi=c.multivector,
         )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if info.distributed:
-            t = torch.tensor([step_loss], device=info.device)
-            dist.all_reduce(t)
-            step_loss = float(t) / info.world_size
-        compute_s += time.perf_counter() - t_comp
-        losses.append(step_loss)
-        done = step + 1
+        ds = _MicroBatches(self.data.plan_for, collator, self.start * c.grad_accum, self.total * c.grad_accum)
+        cuda = info.device.type == "cuda"
+        return _iter_batches(ds, c.num_workers, prefetch_factor=c.prefetch_factor, pin_memory=cuda)
+
+    def micro_step(self, batch: Batch, sync: bool) -> float:
+        """Forward + backward of one micro-batch (gradients accumulate); returns its share of the loss."""
+        c, info = self.config, self.info
+        if c.grad_cache_chunk:
+            loss = grad_cache_backward(
+                self.model.embed,
+                batch,
+                self.objective,
+                info,
+                c.grad_cache_chunk,
+                lambda: autocast_context(c, info.device),
+                c.grad_accum,
+            )
+            return float(loss)
+        with nullcontext() if sync else self.ddp.no_sync():
+            with autocast_context(c, info.device):
+                q, d = self.ddp(batch.queries, batch.docs)
+            loss = self.objective(q, d, batch, info) / c.grad_accum
+            loss.backward()
+        return float(loss.detach())
+
+    def optimizer_step(self) -> float:
+        """Clip, step, schedule; returns the pre-clip global gradient norm (the same on every rank)."""
+        if self.config.grad_cache_chunk:
+            average_gradients(self.trainable, self.info)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def mean_over_ranks(self, value: float) -> float:
+        if not self.info.distributed:
+            return value
+        t = torch.tensor([value], device=self.info.device)
+        dist.all_reduce(t)
+        return float(t) / self.info.world_size
+
+    def log_step(self, done: int, loss: float, grad_norm: float) -> None:
+        if not self.info.is_main:
+            return
+        with self.log_path.open("a") as fh:
+            row = {"step": done, "loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+            fh.write(json.dumps(row) + "\n")
+        if self.config.log_every and done % self.config.log_every == 0:
+            log.info("step %d/%d loss %.4f", done, self.total, loss)
+
+    def checkpoint(self, done: int) -> None:
+        """At ``checkpoint_every`` steps and the last: every rank's RNG state, rank 0 writes."""
+        every = self.config.checkpoint_every
+        if not ((every and done % every == 0) or done == self.total):
+            return
+        rng = gather_rng_states(self.info)
+        if self.info.is_main:
+            state = {
+                "step": done,
+                "losses": self.losses,
+                "config_hash": self.cfg_hash,
+                "world_size": self.info.world_size,
+            }
+            self.last_ckpt = save_checkpoint(
+                self.out_dir,
+                done,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                state,
+                self.meta,
+                self.config.keep_checkpoints,
+                rng,
+            )
+        _barrier(self.info)
+
+    def finish(self) -> TrainResult:
+        """The final adapter + heads (rank 0, temp dir + rename) and the result."""
+        info = self.info
+        final_dir = None
         if info.is_main:
-            with log_path.open("a") as fh:
-                lr_now = scheduler.get_last_lr()[0]
-                row = {"step": done, "loss": step_loss, "grad_norm": grad_norm, "lr": lr_now}
-                fh.write(json.dumps(row) + "\n")
-            if config.log_every and done % config.log_every == 0:
-                log.info("step %d/%d loss %.4f", done, total, step_loss)
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == total:
-            if info.is_main:
-                state = {
-                    "step": done,
-                    "losses": losses,
-                    "config_hash": cfg_hash,
-                    "world_size": info.world_size,
-                }
-                last_ckpt = save_checkpoint(
-                    out_dir, done, model, optimizer, scheduler, state, meta, config.keep_checkpoints
-                )
-            _barrier(info)
-    final_dir = None
-    if info.is_main:
-        final_dir = out_dir / FINAL_DIR
-        tmp = out_dir / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_weights(model, tmp, meta, processor)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
-    _barrier(info)
-    result = TrainResult(
-        out_dir=out_dir,
-        checkpoint_dir=latest_checkpoint(out_dir) if info.is_main else last_ckpt,
-        final_dir=final_dir,
-        steps=total,
-        losses=losses,
-        resumed_from_step=resumed,
-        seconds=time.perf_counter() - t0,
-        world_size=info.world_size,
-        data_seconds=data_s,
-        compute_seconds=compute_s,
-    )
-    if info.is_main:
-        (out_dir / "train_result.json").write_text(result.model_dump_json(indent=1) + "\n")
-    return result
+            final_dir = self.out_dir / FINAL_DIR
+            tmp = self.out_dir / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_weights(self.model, tmp, self.meta, self.processor)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            tmp.rename(final_dir)
+        _barrier(info)
+        result = TrainResult(
+            out_dir=self.out_dir,
+            checkpoint_dir=latest_checkpoint(self.out_dir) if info.is_main else self.last_ckpt,
+            final_dir=final_dir,
+            steps=self.total,
+            losses=self.losses,
+            resumed_from_step=self.resumed,
+            seconds=time.perf_counter() - self.t0,
+            world_size=info.world_size,
+            data_seconds=self.data_s,
+            compute_seconds=self.compute_s,
+        )
+        if info.is_main:
+            (self.out_dir / "train_result.json").write_text(result.model_dump_json(indent=1) + "\n")
+        return result
+
+    def run(self) -> TrainResult:
+        c, info = self.config, self.info
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        batches = self.batches()
+        for step in range(self.start, self.total):
+            step_loss = 0.0
+            for micro in range(c.grad_accum):
+                t_data = time.perf_counter()
+                batch = next(batches).to(info.device)
+                t_comp = time.perf_counter()
+                self.data_s += t_comp - t_data
+                sync = micro == c.grad_accum - 1 or not info.distributed
+                step_loss += self.micro_step(batch, sync)
+                self.compute_s += time.perf_counter() - t_comp
+            t_comp = time.perf_counter()
+            grad_norm = self.optimizer_step()
+            step_loss = self.mean_over_ranks(step_loss)
+            self.compute_s += time.perf_counter() - t_comp
+            self.losses.append(step_loss)
+            self.log_step(step + 1, step_loss, grad_norm)
+            self.checkpoint(step + 1)
+        return self.finish()
+
+
+def train(
+    config: TrainConfig,
+    train_shards: Sequence[str | Path],
+    pages_shards: Sequence[str | Path],
+    out_dir: Path,
+) -> TrainResult:
+    """Train the retriever(s) of ``config`` on train shards over pages shards (local paths or URLs);
+    write checkpoints and the final adapter + heads (``out_dir/final``) and return the loss history.
+
+    Single process on CPU / one GPU, or one process per GPU under torchrun (rank-aware: only rank 0
+    writes). With ``config.resume`` a previous run in ``out_dir`` continues from its last checkpoint.
+    """
+    return Trainer(config, train_shards, pages_shards, out_dir).run()

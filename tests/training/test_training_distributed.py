@@ -94,6 +94,15 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path: Path, tiny
         assert done.returncode == 0, done.stderr[-3000:]
         curves[nproc] = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     one, two = curves[1], curves[2]
+    # each rank saved its own RNG state, seeded apart (ranks must not draw the same dropout masks)
+    import torch
+
+    from training.trainer import latest_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path / "run-2")
+    assert ckpt is not None
+    ranks = torch.load(ckpt / "rng.pt", weights_only=True)["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     assert len(one) == len(two) == 4
     # Step 1 starts from the same weights, so loss and all-reduced gradient norm agree to float noise
     # (6 seeds: loss ≤ 1e-7, gradient norm ≤ 1.3e-6): a rank that misses documents, trains the other's
