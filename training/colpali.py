@@ -37,12 +37,13 @@ import torch
 from tasks.encoders import PageView, l2_normalise
 from training.config import PromptSettings, TrainConfig
 from training.data import decode_image
-from training.export import merged_backbone, replace_dir
+from training.export import checkpoint_dtype, merged_backbone, replace_dir
 from training.inference import left_pad_cat
 from training.model import HEADS_FILE
 
 M3DR_META_FILE = "m3dr_retriever.json"
 COLPALI_MULTIVECTOR_DIM = 128  # ColGemma3 hard-codes its projection width
+BIGEMMA3_DIMS = (768, 1536, 2560)  # BiGemma3.forward(embedding_dim=...) accepts only these
 INSTALL_HINT = "pip install --no-deps colpali-engine==0.3.18  (see README: colpali-engine)"
 
 # Processor class of each model class where the name is not ``<Model>Processor``.
@@ -74,7 +75,7 @@ def _colpali_models() -> Any:
 # ---------------------------------------------------------------------------------------------- export
 
 
-def exportable(config: TrainConfig, hidden_model_type: str) -> list[str]:
+def exportable(config: TrainConfig, hidden_model_type: str, hidden_size: int = 0) -> list[str]:
     """Why a run cannot be read by colpali-engine's Gemma-3 classes (empty: it can)."""
     p, want = config.prompts, PromptSettings()
     problems = []
@@ -95,19 +96,22 @@ def exportable(config: TrainConfig, hidden_model_type: str) -> list[str]:
         problems.append("prompts.instructions['text-page'] must be empty (process_queries adds none)")
     if config.multivector and config.multivector_dim != COLPALI_MULTIVECTOR_DIM:
         problems.append(f"multivector_dim must be {COLPALI_MULTIVECTOR_DIM} (ColGemma3's projection)")
+    if config.dense and hidden_size:
+        untrained = [d for d in bigemma3_dims(hidden_size) if d not in config.matryoshka_dims]
+        if untrained:
+            problems.append(
+                f"BiGemma3 answers with embedding_dim {list(BIGEMMA3_DIMS)}, i.e. "
+                f"{bigemma3_dims(hidden_size)} on this {hidden_size}-wide backbone, and {untrained} were "
+                f"never trained (matryoshka_dims = {config.matryoshka_dims}); train with "
+                "matryoshka_dims including them"
+            )
     return problems
 
 
-def checkpoint_dtype(model_dir: Path) -> torch.dtype:
-    """The dtype a checkpoint was saved in (bf16 for Gemma-3-4B-IT), read from its ``config.json``: the
-    merge runs in float32, the export goes back to the base model's precision."""
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return torch.float32
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
-    value = getattr(torch, str(name).removeprefix("torch."), None) if name else None
-    return value if isinstance(value, torch.dtype) else torch.float32
+def bigemma3_dims(hidden_size: int) -> list[int]:
+    """The vector widths BiGemma3 can hand out on a backbone of ``hidden_size``: it slices the pooled
+    state to ``embedding_dim`` ∈ {768, 1536, 2560}; a slice past the width is the whole vector."""
+    return sorted({min(d, hidden_size) for d in BIGEMMA3_DIMS})
 
 
 def _model_card(classes: list[str], meta: dict[str, Any]) -> str:
@@ -140,7 +144,9 @@ def export_colpali(src: str | Path, out: str | Path) -> Path:
     out = Path(out)
     model, processor, meta, src, base_dir = merged_backbone(src)
     config = TrainConfig.model_validate(meta["train_config"])
-    problems = exportable(config, str(getattr(model.config, "model_type", "")))
+    problems = exportable(
+        config, str(getattr(model.config, "model_type", "")), int(meta.get("hidden_size") or 0)
+    )
     if problems:
         raise ValueError(f"{src} cannot be exported for colpali-engine: " + "; ".join(problems))
     dtype = checkpoint_dtype(base_dir)
@@ -255,7 +261,7 @@ class ColpaliEncoder:
         meta = Path(self.source).expanduser() / M3DR_META_FILE
         if meta.is_file():
             return list(json.loads(meta.read_text()).get("matryoshka_dims") or [])
-        return [768, 1536, 2560] if self.model_class == "BiGemma3" else []
+        return list(BIGEMMA3_DIMS) if self.model_class == "BiGemma3" else []
 
     def _fingerprint(self) -> str:
         from tasks.models import fingerprint

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from training.model import (
@@ -48,7 +49,7 @@ def trained_dir(src: str | Path) -> Path:
 
 
 class Merged(NamedTuple):
-    model: nn.Module  # the backbone with the LoRA merged in (float32)
+    model: nn.Module  # the backbone with the LoRA merged in (float32: callers cast where they save)
     processor: Any
     meta: dict[str, Any]  # retriever.json
     src: Path  # the resolved final/ or checkpoint dir
@@ -75,6 +76,18 @@ def merged_backbone(src: str | Path) -> Merged:
     return Merged(model, processor, meta, src, base_dir)
 
 
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a checkpoint was saved in (bf16 for Gemma-3-4B-IT), read from its ``config.json``: the
+    merge runs in float32, exports go back to the base model's precision (a 4B model: 8.6 GB, not 17)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    value = getattr(torch, str(name).removeprefix("torch."), None) if name else None
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
 def replace_dir(tmp: Path, out: Path) -> Path:
     """Move a finished export into place (the old export, if any, is removed only now)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -84,9 +97,11 @@ def replace_dir(tmp: Path, out: Path) -> Path:
 
 def export_merged(src: str | Path, out: str | Path) -> Path:
     """Merge the LoRA adapter of ``src`` (a run dir, ``final/`` or a checkpoint dir) into its base model
-    and write a standalone directory ``out`` (written to a temp dir, then renamed)."""
+    (in fp32) and write a standalone directory ``out`` in the base model's dtype (bf16 for Gemma-3; the
+    multi-vector head stays fp32), written to a temp dir, then renamed."""
     out = Path(out)
-    model, processor, meta, src, _ = merged_backbone(src)
+    model, processor, meta, src, base_dir = merged_backbone(src)
+    model.to(checkpoint_dtype(base_dir))  # merged in fp32, saved in the base model's precision
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

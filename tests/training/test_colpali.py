@@ -137,6 +137,23 @@ def test_runs_colpali_cannot_reproduce_are_refused_naming_the_setting(
     assert not (tmp_path / "out").exists()
 
 
+def test_dims_bigemma3_cannot_serve_are_refused() -> None:
+    """BiGemma3 slices to 768/1536/2560 only: a run whose trained Matryoshka dims miss one of the widths
+    it would hand out on this backbone is refused; the production dims, and the tiny model's full width
+    (every BiGemma3 slice of a 64-wide vector is the whole vector), pass."""
+    from training.colpali import bigemma3_dims, exportable
+
+    assert bigemma3_dims(2560) == [768, 1536, 2560] and bigemma3_dims(64) == [64]
+    production = TrainConfig(matryoshka_dims=[768, 1536, 2560])
+    assert exportable(production, "gemma3", 2560) == []
+    assert exportable(TrainConfig(matryoshka_dims=[16, 32, 64]), "gemma3", 64) == []
+    (problem,) = exportable(TrainConfig(matryoshka_dims=[16, 32, 64]), "gemma3", 2560)
+    assert "[768, 1536, 2560] were never trained" in problem
+    (problem,) = exportable(TrainConfig(matryoshka_dims=[256, 768, 2560]), "gemma3", 2560)
+    assert "[1536] were never trained" in problem
+    assert exportable(TrainConfig(retriever="multivector", matryoshka_dims=[16]), "gemma3", 2560) == []
+
+
 def test_plain_prompts_keep_one_eos_and_no_chat_turn(tiny_models) -> None:
     from training.data import PromptFormatter
     from training.model import load_processor
@@ -174,3 +191,27 @@ def test_specs_classes_and_precision(tmp_path: Path) -> None:
         resolve_class(str(tmp_path), "ColNothing")
     with pytest.raises(ValueError, match="name it"):
         resolve_class(str(tmp_path / "missing"))
+
+
+def test_merged_export_is_saved_in_the_base_models_dtype(tmp_path: Path, tiny_models) -> None:
+    """The LoRA merges in fp32 and the merged model is written in the base checkpoint's dtype: a bf16
+    base (Gemma-3-4B-IT) exports bf16 weights (half the bytes), which load back as bf16."""
+    from safetensors import safe_open
+
+    from training.export import export_merged
+    from training.model import build_retriever, load_backbone, load_processor, retriever_meta, save_weights
+    from training.trainer import resolve_model_dir
+
+    tiny = resolve_model_dir("recipe:gemma3-tiny")
+    base = tmp_path / "base-bf16"
+    load_backbone(tiny, dtype=torch.bfloat16).save_pretrained(str(base))
+    load_processor(tiny).save_pretrained(str(base))
+    cfg = TrainConfig(precision="fp32")
+    model = build_retriever(base, cfg)
+    meta = retriever_meta(cfg, base_model=str(base), merged=False, hidden_size=model.hidden_size)
+    save_weights(model, tmp_path / "final", meta, load_processor(base))
+    out = export_merged(tmp_path / "final", tmp_path / "merged")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+    assert load_backbone(out, dtype=torch.bfloat16).dtype == torch.bfloat16
