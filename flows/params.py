@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from eval.build import HUB_ALIAS
 from tasks import languages
@@ -92,8 +92,16 @@ class SynthesizeParams(BaseModel):
 class TrainParams(BaseModel):
     """Parameters of `train-netra` (rendered as a form in the Prefect UI)."""
 
-    data: str = Field("out/demo", description="Output root of a `synthesize` run (train + pages shards).")
+    data: str = Field(
+        "out/demo", description="Output root of a `synthesize` run (train + pages shards): a path or s3://…"
+    )
     out: str = Field("out/train", description="Run directory: checkpoints, final adapter, logs.")
+    profile: str | None = Field(
+        None,
+        description="Start from this profile's [train] table (name in assets/profiles or a TOML path), e.g. "
+        "'full': Gemma-3-4B-IT, dims 768/1536/2560, bf16, gradient checkpointing, GradCache. "
+        "`config` fields override it.",
+    )
     gpus: int = Field(
         0,
         ge=0,
@@ -113,6 +121,29 @@ class TrainParams(BaseModel):
     benchmark: bool = Field(
         False, description="Then run `benchmark-nayana` on the trained retriever (held-out split of `data`)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_train(cls, data: Any) -> Any:
+        """``config`` = the profile's ``[train]`` table overlaid by the fields given (a table with a
+        mistyped key fails naming the profile and the key)."""
+        if not isinstance(data, dict) or not data.get("profile"):
+            return data
+        from pydantic import ValidationError
+
+        from tasks.models import load_profile
+
+        name = data["profile"]
+        table = dict(load_profile(name).get("train") or {})
+        try:
+            TrainConfig.model_validate(table)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"profile {name!r} [train]: {problems}") from None
+        given = data.get("config") or {}
+        if isinstance(given, TrainConfig):
+            given = given.model_dump(exclude_unset=True)
+        return {**data, "config": {**table, **given}}
 
     @field_validator("phases", mode="before")
     @classmethod

@@ -138,7 +138,7 @@ class TrainConfig(BaseModel):
     head_lr: float | None = None  # default: lr
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    max_steps: int | None = 100  # optimizer steps; None: run ``epochs`` epochs
+    max_steps: int | None = Field(100, ge=0)  # optimizer steps; None or 0: run ``epochs`` epochs
     epochs: float = 1.0
     grad_accum: int = 1
     max_grad_norm: float = 1.0

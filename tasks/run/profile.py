@@ -38,7 +38,7 @@ from tasks.translate.config import DEFAULT_ENGINE as DEFAULT_TRANSLATE
 from tasks.translate.config import TRANSLATE_CONFIGS, Ct2TranslateConfig, TranslateStageConfig
 
 # Top-level keys of a profile besides the stage tables.
-PROFILE_KEYS = {"name", "description", "recipes"}
+PROFILE_KEYS = {"name", "description", "recipes", "train"}
 STAGES = ("ingest", "layout", "extract", "translate", "render", "queries", "negatives")
 
 
@@ -48,6 +48,9 @@ class Profile(StrictModel):
     name: str = "?"
     description: str = ""
     recipes: dict[str, Any] = Field(default_factory=dict)  # [recipes] build = [...] (m3dr models build)
+    # [train]: TrainConfig fields train-netra starts from (``--profile``); checked by training.config,
+    # a layer above this one, where train-netra reads it (flows.params.TrainParams)
+    train: dict[str, Any] = Field(default_factory=dict)
     ingest: IngestOptions = IngestOptions()
     layout: LayoutConfig = RapidLayoutConfig()
     extract: OcrConfig = NoOcrConfig()
