@@ -29,18 +29,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import pyarrow.parquet as pq
 
 from eval.beir import Benchmark, BenchmarkError, MemoryImages, atomic_dir, load_benchmark, write_parquet
 from tasks.languages import ALL_LANGS
 from tasks.schema import COMPOSED_KIND, QUERIES_SCHEMA
 from tasks.shards import Manifest, config_hash
 from tasks.splits import DEFAULT_FRACTIONS, assign_split
+from tasks.storage import Store
 
 SUITE_FILE = "suite.json"
 CROSS_NAME = "crossbench"
@@ -117,7 +119,7 @@ def recorded_fractions(manifest: Manifest) -> dict[str, float]:
 
 
 def heldout(
-    root: Path | str,
+    root: Path | str | Store,
     *,
     split: str = "benchmark",
     split_fractions: Mapping[str, float] | None = None,
@@ -128,7 +130,7 @@ def heldout(
     Raises when the queries' recorded split disagrees with ``split_fractions`` (they must be the
     fractions the synthesize run used, or pages and queries would be split differently).
     """
-    manifest = Manifest(Path(root))
+    manifest = Manifest(root)  # a local path or a URL (s3://…), never Path-resolved
     if not manifest.shards("pages"):
         raise FileNotFoundError(f"no pages shards in {root}/manifest.json: run `m3dr synthesize` first")
     if not manifest.shards("queries"):
@@ -149,13 +151,40 @@ def heldout(
         wanted = keep_lang is None or row["query_lang"] in keep_lang
         if row["split"] == split and not row["cross_lingual"] and wanted:
             queries.append(row)
-    pages = [
-        row
-        for row in manifest.live_rows("pages", _PAGE_COLS)
-        if assign_split(row["source_id"], fractions) == split
-        and (keep_lang is None or row["lang"] in keep_lang)
-    ]
+    gone = set(manifest.superseded())
+
+    def wanted_page(source_id: str, lang: str) -> bool:
+        return (
+            source_id not in gone
+            and assign_split(source_id, fractions) == split
+            and (keep_lang is None or lang in keep_lang)
+        )
+
+    pages = []
+    for entry in sorted(manifest.shards("pages"), key=lambda e: e.name):
+        pages += _shard_rows(manifest.store, entry.path, _PAGE_COLS, ("source_id", "lang"), wanted_page)
     return pages, queries
+
+
+def _shard_rows(
+    store: Store,
+    rel: str,
+    columns: list[str],
+    keys: tuple[str, ...],
+    wanted: Callable[..., bool],
+) -> list[dict[str, Any]]:
+    """The rows of one shard for which ``wanted(*keys)`` holds, read one row group at a time: the small
+    ``keys`` columns first, the other columns (page images) only of row groups that hold a wanted row.
+    Memory is one row group plus the rows kept, never the shard or the corpus."""
+    out: list[dict[str, Any]] = []
+    with store.fs.open(store.path(rel), "rb") as fh, pq.ParquetFile(fh) as pf:
+        for g in range(pf.num_row_groups):
+            small = pf.read_row_group(g, columns=list(keys)).to_pydict()
+            mask = [wanted(*vals) for vals in zip(*(small[k] for k in keys), strict=True)]
+            if any(mask):
+                rows = pf.read_row_group(g, columns=columns).to_pylist()
+                out += [r for r, keep in zip(rows, mask, strict=True) if keep]
+    return out
 
 
 def _sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
@@ -242,7 +271,7 @@ def suite_benchmarks(
 
 
 def build_suite(
-    root: Path | str,
+    root: Path | str | Store,
     out: Path | str,
     *,
     split: str = "benchmark",
@@ -257,7 +286,7 @@ def build_suite(
     An existing suite built from the same inputs and options is returned as is (nothing rewritten);
     a different one needs ``overwrite=True``.
     """
-    root, out = Path(root), Path(out)
+    out = Path(out)  # the suite is written locally; ``root`` may be a URL
     name = name or f"heldout-{split}"
     manifest = Manifest(root)
     fractions = dict(split_fractions or recorded_fractions(manifest))  # read once, used for every step
@@ -303,7 +332,7 @@ def build_suite(
         meta = {
             "name": name,
             "fingerprint": fp,
-            "source": os.fspath(root.resolve()),
+            "source": manifest.root,
             "options": options,
             "sets": [asdict(i) for i in infos],
         }

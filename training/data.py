@@ -1,7 +1,10 @@
 """Training data: train shards (queries → positive + mined negatives) over pages shards (images).
 
-- :class:`PageStore` memory-maps the pages shards and indexes ``page_id → row``; page images stay PNG
-  bytes in the mapped file until a batch needs them (decoded lazily; the processor does the one resize).
+- :class:`PageStore` indexes ``page_id → (shard, row group, row)`` from the small columns only and
+  reads a page's row group when a batch needs it (a small LRU of decoded row groups), so resident memory
+  stays flat in corpus size. Shards are local paths or URLs (``s3://…``, read through fsspec); the store
+  pickles without handles or decoded data and reopens its files in each DataLoader worker process.
+  Page images stay PNG bytes until the processor decodes them (it does the one resize).
 - :func:`batch_plan` orders one epoch: deterministic from ``(seed, epoch)`` only, so any micro-step can
   be rebuilt after a restart; length-bucketed (sorted inside windows of ``bucket_batches`` global
   batches, then the batches are shuffled) to cut padding. Every batch is of one modality (text or
@@ -17,14 +20,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import random
-from collections.abc import Iterable, Sequence
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal
 
+import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,6 +43,7 @@ from PIL import Image
 from tasks.encoders import PageView
 from tasks.schema import image_bytes, task_of_kind
 from tasks.shards import hash_id
+from tasks.storage import is_url, storage_options_for
 from training.config import PromptSettings
 
 IMAGE_PLACEHOLDER = "{image}"
@@ -65,62 +75,221 @@ class TrainExample:
         return (self.query_image is not None, self.doc_kind)
 
 
+ShardSpec = str | PurePath
+# ``Path("s3://b/k")`` collapses the scheme's ``//``: such a path is a URL that went through ``Path()``.
+_COLLAPSED_URL = re.compile(r"^([a-z][a-z0-9+.-]*):/(?!/)")
+
+
+def shard_spec(shard: ShardSpec) -> str:
+    """A shard as a string: a local path or a URL. A URL that went through ``Path()`` on the way here
+    (``s3:/b/k``) is restored; ``file://`` is a local path."""
+    spec = os.fspath(shard)
+    if isinstance(shard, PurePath) and _COLLAPSED_URL.match(spec) and not Path(spec).exists():
+        spec = _COLLAPSED_URL.sub(r"\1://", spec, count=1)
+    return spec[len("file://") :] if spec.startswith("file://") else spec
+
+
+@contextlib.contextmanager
+def open_parquet(spec: str, filesystems: dict[str, Any] | None = None) -> Iterator[pq.ParquetFile]:
+    """A shard opened for row-group reads (local file, or an fsspec file for a URL: only the byte ranges
+    of the columns read are fetched). ``filesystems`` caches the fsspec filesystem per protocol."""
+    with _open_file(spec, filesystems) as fh, pq.ParquetFile(fh) as pf:
+        yield pf
+
+
+def _open_file(spec: str, filesystems: dict[str, Any] | None, **options: Any) -> Any:
+    """A readable file of ``spec`` (the caller closes it): pyarrow's own for a local path, fsspec's for a
+    URL (the storage options of :mod:`tasks.storage`; ``options`` go to ``fs.open``)."""
+    if not is_url(spec):
+        return pa.OSFile(spec, "rb")
+    protocol = spec.split("://", 1)[0]
+    fs = None if filesystems is None else filesystems.get(protocol)
+    if fs is None:
+        # fsspec's instance cache is per process: a forked worker gets its own client, never its parent's
+        fs = fsspec.filesystem(protocol, **storage_options_for(spec))
+        if filesystems is not None:
+            filesystems[protocol] = fs
+    return fs.open(fsspec.core.strip_protocol(spec), "rb", **options)
+
+
+def iter_row_groups(spec: str, columns: Sequence[str]) -> Iterator[tuple[int, pa.Table]]:
+    """``(row group index, table of ``columns``)`` of one shard, one row group at a time; columns the
+    shard does not have are left out (shards written before a column was added)."""
+    with open_parquet(spec) as pf:
+        names = set(pf.schema_arrow.names)
+        cols = [c for c in columns if c in names]
+        for g in range(pf.num_row_groups):
+            yield g, pf.read_row_group(g, columns=cols)
+
+
+def referenced_page_ids(train_shards: Sequence[ShardSpec], splits: Sequence[str] = ("train",)) -> set[str]:
+    """Every page a train row of ``splits`` references (positive or negative): the ``keep`` set of a
+    :class:`PageStore` that indexes nothing training can never read."""
+    out: set[str] = set()
+    for shard in train_shards:
+        for _, t in iter_row_groups(shard_spec(shard), ["positive_page_id", "negative_page_ids", "split"]):
+            t = t.filter(pc.is_in(t["split"], value_set=pa.array(list(splits), pa.string())))
+            out.update(t["positive_page_id"].to_pylist())
+            out.update(pc.list_flatten(t["negative_page_ids"]).to_pylist())
+    return out
+
+
 class PageStore:
-    """``page_id → PageView`` over memory-mapped pages shards (PAGES_SCHEMA)."""
+    """``page_id → PageView`` over pages shards (PAGES_SCHEMA), local or on an object store.
+
+    The index (``page_id → (shard, row group, row)``) and the per-page metadata (group, text length)
+    are built from the small columns only, one row group at a time; a page is read with its row group
+    (``read_row_group`` of the columns a :class:`PageView` needs), and the last ``cache_row_groups``
+    decoded row groups are kept. Memory is that LRU plus the index, whatever the corpus size.
+
+    Pickles without open files or decoded data, and reopens files per process (fork or spawn), so a
+    DataLoader worker never shares a file handle or an S3 session with its parent.
+    """
 
     _COLUMNS: ClassVar[list[str]] = ["page_id", "source_page_id", "lang", "text", "image"]
+    _INDEX_COLUMNS: ClassVar[list[str]] = ["page_id", "source_page_id", "text"]
 
-    def __init__(self, shards: Sequence[Path]) -> None:
-        self.tables: list[pa.Table] = []
-        self.index: dict[str, tuple[int, int]] = {}
-        for path in shards:
-            table = pq.read_table(path, columns=self._COLUMNS, memory_map=True)
-            t = len(self.tables)
-            self.tables.append(table)
-            for row, pid in enumerate(table.column("page_id").to_pylist()):
-                self.index.setdefault(pid, (t, row))
-        # cheap metadata kept in memory (group, text length); images stay in the mapped files
-        self._group: dict[str, str] = {}
-        self._text_len: dict[str, int] = {}
-        for table in self.tables:
-            ids = table.column("page_id").to_pylist()
-            groups = table.column("source_page_id").to_pylist()
-            lens = pc.utf8_length(table.column("text")).to_pylist()
-            for pid, g, n in zip(ids, groups, lens, strict=True):
-                self._group.setdefault(pid, g)
-                self._text_len.setdefault(pid, int(n or 0))
-
+    def __init__(
+        self,
+        shards: Sequence[ShardSpec],
+        *,
+        keep: set[str] | None = None,
+        cache_row_groups: int = 4,
+        footers: int = 64,
+    ) -> None:
+        if cache_row_groups < 1 or footers < 1:
+            raise ValueError("cache_row_groups and footers must be >= 1")
+        self.shards = [shard_spec(s) for s in shards]
+        self.cache_row_groups = cache_row_groups
+        self.footers = footers
+        self._pos: dict[str, int] = {}  # page_id → position in the arrays below
+        self._groups: list[str] = []  # distinct source_page_ids
+        shard_of, group_of, row_of, text_len, group_idx = [], [], [], [], []
+        group_pos: dict[str, int] = {}
+        for s, spec in enumerate(self.shards):
+            for g, table in iter_row_groups(spec, self._INDEX_COLUMNS):
+                ids = table["page_id"].to_pylist()
+                groups = table["source_page_id"].to_pylist()
+                lens = pc.utf8_length(table["text"]).to_pylist()
+                for row, (pid, grp, n) in enumerate(zip(ids, groups, lens, strict=True)):
+                    if pid in self._pos or (keep is not None and pid not in keep):
+                        continue  # the first shard holding a page wins, as before
+                    self._pos[pid] = len(shard_of)
+                    shard_of.append(s)
+                    group_of.append(g)
+                    row_of.append(row)
+                    text_len.append(int(n or 0))
+                    group_idx.append(group_pos.setdefault(grp, len(group_pos)))
+        self._groups = list(group_pos)
+        self._loc = np.array([shard_of, group_of, row_of], dtype=np.int64).reshape(3, -1)
+        self._lens = np.array(text_len, dtype=np.int64)
+        self._group_idx = np.array(group_idx, dtype=np.int64)
         self.text_docs: dict[str, PageView] = {}
+        self.row_group_reads = 0  # decoded row groups read by this process (cache misses)
+        self._reset_process_state()
 
+    # ---------------------------------------------------------------- per-process state
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self._footers: OrderedDict[int, tuple[pq.FileMetaData, int]] = OrderedDict()
+        self._filesystems: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_cache", "_footers", "_filesystems", "_pid"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_process_state()
+
+    def _check_process(self) -> None:
+        """After a fork the parent's S3 client is not ours (nor its decoded row groups' accounting):
+        start over with this process's own."""
+        if self._pid != os.getpid():
+            self._reset_process_state()
+
+    def _footer(self, shard: int) -> tuple[pq.FileMetaData, int]:
+        """A shard's Parquet footer and size (the last ``footers`` are kept: a read needs no footer
+        request)."""
+        if shard in self._footers:
+            self._footers.move_to_end(shard)
+            return self._footers[shard]
+        with _open_file(self.shards[shard], self._filesystems) as fh:
+            size = fh.size() if callable(fh.size) else int(fh.size)
+            reader = pq.ParquetFile(fh)
+            self._footers[shard] = (reader.metadata, size)
+            reader.close(force=True)
+        while len(self._footers) > self.footers:
+            self._footers.popitem(last=False)
+        return self._footers[shard]
+
+    def _row_group(self, shard: int, group: int) -> pa.Table:
+        key = (shard, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        footer, size = self._footer(shard)
+        # a file and reader per read, closed at once: fsspec fetches only the column chunks' byte ranges
+        # (no read-ahead, size known: no HEAD), and a reader left open keeps its last column chunk
+        # (a row group's images) alive until garbage collection
+        with _open_file(self.shards[shard], self._filesystems, size=size, cache_type="none") as fh:
+            reader = pq.ParquetFile(fh, metadata=footer)
+            try:
+                table = reader.read_row_group(group, columns=self._COLUMNS)
+            finally:
+                reader.close(force=True)
+        self.row_group_reads += 1
+        self._cache[key] = table
+        while len(self._cache) > self.cache_row_groups:
+            self._cache.popitem(last=False)
+        return table
+
+    def cached_row_groups(self) -> int:
+        """Decoded row groups held now (at most ``cache_row_groups``)."""
+        return len(self._cache) if self._pid == os.getpid() else 0
+
+    # ---------------------------------------------------------------- the public interface
     def add_text_docs(self, docs: Iterable[PageView]) -> None:
         """Text-only documents (a BEIR text set's passages) beside the pages; each is its own group."""
         for d in docs:
-            if d.page_id in self.index:
+            if d.page_id in self._pos:
                 raise ValueError(f"text document id {d.page_id!r} collides with a page id")
             self.text_docs[d.page_id] = d
-            self._group[d.page_id] = d.source_page_id
-            self._text_len[d.page_id] = len(d.text)
 
     def __contains__(self, page_id: str) -> bool:
-        return page_id in self.index or page_id in self.text_docs
+        return page_id in self._pos or page_id in self.text_docs
 
     def __len__(self) -> int:
-        return len(self.index) + len(self.text_docs)
+        return len(self._pos) + len(self.text_docs)
 
     def page_ids(self) -> list[str]:
-        return [*self.index, *self.text_docs]
+        return [*self._pos, *self.text_docs]
+
+    def location(self, page_id: str) -> tuple[str, int, int]:
+        """(shard, row group, row in the group) of a page."""
+        i = self._pos[page_id]
+        s, g, r = (int(x) for x in self._loc[:, i])
+        return self.shards[s], g, r
 
     def group(self, page_id: str) -> str:
-        return self._group[page_id]
+        if page_id in self.text_docs:
+            return self.text_docs[page_id].source_page_id
+        return self._groups[int(self._group_idx[self._pos[page_id]])]
 
     def text_len(self, page_id: str) -> int:
-        return self._text_len[page_id]
+        if page_id in self.text_docs:
+            return len(self.text_docs[page_id].text)
+        return int(self._lens[self._pos[page_id]])
 
     def get(self, page_id: str) -> PageView:
         if page_id in self.text_docs:
             return self.text_docs[page_id]
-        t, row = self.index[page_id]
-        rec = self.tables[t].slice(row, 1).to_pylist()[0]
+        self._check_process()
+        s, g, r = (int(x) for x in self._loc[:, self._pos[page_id]])
+        rec = self._row_group(s, g).slice(r, 1).to_pylist()[0]
         return PageView.from_row(rec)
 
 
@@ -134,10 +303,11 @@ def decode_image(png: bytes | None, target: int) -> Image.Image:
 
 
 def load_examples(
-    train_shards: Sequence[Path], store: PageStore | None = None, splits: Sequence[str] = ("train",)
+    train_shards: Sequence[ShardSpec], store: PageStore | None = None, splits: Sequence[str] = ("train",)
 ) -> tuple[list[TrainExample], int]:
     """Rows of the train shards in ``splits`` (file order; dev rows stay out of training by default);
-    rows whose positive is not in ``store`` are dropped.
+    rows whose positive is not in ``store`` are dropped. Shards are local paths or URLs, read one row
+    group at a time.
 
     Returns (examples, dropped). Negatives missing from the store are dropped from the row.
     """
@@ -150,31 +320,31 @@ def load_examples(
         "negative_page_ids",
         "split",
         "kind",
-        "query_image",
+        "query_image",  # shards written before composed queries lack it
     ]
     out: list[TrainExample] = []
     dropped = 0
-    for path in train_shards:
-        names = set(pq.read_schema(path).names)  # shards written before composed queries lack query_image
-        for r in pq.read_table(path, columns=[c for c in cols if c in names]).to_pylist():
-            if r["split"] not in splits:
-                continue
-            if store is not None and r["positive_page_id"] not in store:
-                dropped += 1
-                continue
-            negs = tuple(n for n in (r["negative_page_ids"] or []) if store is None or n in store)
-            out.append(
-                TrainExample(
-                    r["query_id"],
-                    r["query"],
-                    r["query_lang"],
-                    r["positive_page_id"],
-                    r["source_page_id"],
-                    negs,
-                    kind=r.get("kind") or "",
-                    query_image=image_bytes(r.get("query_image")),
+    for shard in train_shards:
+        for _, table in iter_row_groups(shard_spec(shard), cols):
+            for r in table.to_pylist():
+                if r["split"] not in splits:
+                    continue
+                if store is not None and r["positive_page_id"] not in store:
+                    dropped += 1
+                    continue
+                negs = tuple(n for n in (r["negative_page_ids"] or []) if store is None or n in store)
+                out.append(
+                    TrainExample(
+                        r["query_id"],
+                        r["query"],
+                        r["query_lang"],
+                        r["positive_page_id"],
+                        r["source_page_id"],
+                        negs,
+                        kind=r.get("kind") or "",
+                        query_image=image_bytes(r.get("query_image")),
+                    )
                 )
-            )
     return out, dropped
 
 
@@ -333,7 +503,13 @@ class PromptFormatter:
         return self.tokenizer.eos_token if self.prompts.append_eos and self.tokenizer.eos_token else ""
 
     def _truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """``text`` cut to its first ``max_tokens`` tokens. Tokenized with ``max_length = max_tokens + 1``
+        (truncation cuts after tokenizing, so the kept ids are the full tokenization's prefix): whether
+        the text is longer is known without the tokenizer's "sequence length is longer than the
+        specified maximum" warning, which a text we are about to cut does not deserve."""
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens + 1)[
+            "input_ids"
+        ]
         return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
 
     def _turn(self, content: list[dict[str, Any]]) -> str:

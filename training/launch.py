@@ -16,6 +16,7 @@ from typing import Any
 
 from tasks.paths import REPO_ROOT
 from tasks.shards import Manifest
+from tasks.storage import is_url
 from training.config import PhaseSettings, TrainConfig
 from training.model import FINAL_DIR, PHASES_DIR
 from training.run import RunSpec, launch_command, write_spec
@@ -54,14 +55,21 @@ def phase_plan(
     return plan
 
 
-def training_inputs(data: Path) -> tuple[list[Path], list[Path]]:
-    """Train shards and pages shards listed in a synthesize run's manifest (superseded pages excluded
-    by the trainer through the train rows, which never reference them)."""
-    manifest = Manifest(data)
-    train = sorted(data / e.path for e in manifest.shards("train"))
-    pages = sorted(data / e.path for e in manifest.shards("pages"))
+def data_root(data: str | Path) -> str:
+    """A synthesize output root as the trainer reads it: a URL as given (never ``Path``-resolved), a local
+    path made absolute (the training subprocess may run elsewhere)."""
+    return str(data).rstrip("/") if is_url(data) else str(Path(data).expanduser().resolve())
+
+
+def training_inputs(data: str | Path) -> tuple[list[str], list[str]]:
+    """Train shards and pages shards listed in a synthesize run's manifest, as local paths or URLs under
+    ``data`` (superseded pages excluded by the trainer through the train rows, which never reference
+    them)."""
+    manifest = Manifest(data_root(data))
+    train = sorted(manifest.store.url_of(e.path) for e in manifest.shards("train"))
+    pages = sorted(manifest.store.url_of(e.path) for e in manifest.shards("pages"))
     if not train:
-        raise FileNotFoundError(f"no train shards in {data}/manifest.json: run `m3dr synthesize` first")
+        raise FileNotFoundError(f"no train shards in {manifest.path}: run `m3dr synthesize` first")
     return train, pages
 
 
@@ -76,7 +84,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Write ``spec.json``, run training in a subprocess, forward its progress lines to ``log``;
     returns ``train_result.json``. A failed run raises with the last ``tail_lines`` lines of its log."""
-    data, out = Path(data).resolve(), Path(out).resolve()
+    out = Path(out).resolve()  # checkpoints and the adapter stay on local disk
     train_shards, pages_shards = training_inputs(data)
     spec = RunSpec(config=config, train_shards=train_shards, pages_shards=pages_shards, out_dir=out)
     cmd = launch_command(write_spec(spec, out / "spec.json"), nproc)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from training.config import TrainConfig, TrainResult
 
@@ -25,9 +27,18 @@ class RunSpec(BaseModel):
     """Everything one training launch needs (what the flow writes to ``spec.json``)."""
 
     config: TrainConfig = Field(default_factory=TrainConfig)
-    train_shards: list[Path] = Field(default_factory=list)
-    pages_shards: list[Path] = Field(default_factory=list)
+    # local paths or URLs (``s3://…``): strings, so a URL is never mangled by ``Path``
+    train_shards: list[str] = Field(default_factory=list)
+    pages_shards: list[str] = Field(default_factory=list)
     out_dir: Path = Path("runs/train")
+
+    @field_validator("train_shards", "pages_shards", mode="before")
+    @classmethod
+    def _as_strings(cls, value: Any) -> Any:
+        """Local paths may be given as ``Path``s; they are kept as strings like URLs."""
+        if isinstance(value, list | tuple):
+            return [os.fspath(v) if isinstance(v, PurePath) else v for v in value]
+        return value
 
 
 def write_spec(spec: RunSpec, path: Path) -> Path:
@@ -82,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.run")
     p.add_argument("--config", type=Path, required=True, help="RunSpec JSON (or a bare TrainConfig JSON)")
     p.add_argument("--out-dir", type=Path)
-    p.add_argument("--train-shards", type=Path, nargs="+")
-    p.add_argument("--pages-shards", type=Path, nargs="+")
+    p.add_argument("--train-shards", nargs="+", help="local paths or URLs")
+    p.add_argument("--pages-shards", nargs="+", help="local paths or URLs")
     a = p.parse_args(argv)
     raw = json.loads(a.config.read_text())
     spec = RunSpec.model_validate(raw) if "config" in raw else RunSpec(config=TrainConfig.model_validate(raw))
