@@ -239,24 +239,35 @@ def part_train(retriever: str, args: argparse.Namespace) -> dict[str, Any]:
     from training.config import TrainConfig
     from training.data import Batch, PromptFormatter
     from training.model import RetrieverModel, apply_lora, hidden_size_of
-    from training.trainer import DistInfo, RetrievalObjective, autocast_context, build_optimizer
+    from training.trainer import (
+        DistInfo,
+        RetrievalObjective,
+        autocast_context,
+        build_optimizer,
+        grad_cache_backward,
+    )
 
     torch.set_num_threads(args.threads)
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    after = args.setup == "after"
+    # before: the trainer as it was (fp32 weights, every activation kept, the whole batch at once);
+    # after: bf16 weights (where the CPU has bf16; always on CUDA), gradient checkpointing, GradCache
+    bf16 = after and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
     t0 = time.perf_counter()
     backbone, processor, summary = build_gemma3(args.quick, dtype)
     build_s = time.perf_counter() - t0
     weights_gib = _proc_status("VmRSS")
     hidden = hidden_size_of(backbone)
+    batch_size = args.train_batch
     cfg = TrainConfig(
         model="random:gemma-3-4b-it" if not args.quick else "random:gemma-3-quick",
         retriever=retriever,
-        batch_size=2,
+        batch_size=batch_size,
         num_negatives=0,
         matryoshka_dims=[768, 1536, 2560] if not args.quick else [64, 128, 256],
         precision="bf16" if bf16 else "fp32",
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=after or args.gradient_checkpointing,
+        grad_cache_chunk=args.grad_cache_chunk if after else None,
     )
     backbone = apply_lora(backbone, cfg)
     if cfg.gradient_checkpointing:  # as training.model.build_retriever does
@@ -271,7 +282,7 @@ def part_train(retriever: str, args: argparse.Namespace) -> dict[str, Any]:
     info = DistInfo(device=torch.device("cpu"))
 
     with tempfile.TemporaryDirectory() as tmp:
-        pages, origin = real_pages(2, Path(tmp))
+        pages, origin = real_pages(batch_size, Path(tmp))
     import io
 
     views = []
@@ -280,20 +291,31 @@ def part_train(retriever: str, args: argparse.Namespace) -> dict[str, Any]:
         image.save(buf, format="PNG")
         views.append(PageView(f"p{i}", f"p{i}", "en", text, buf.getvalue()))
     fmt = PromptFormatter(processor, cfg.prompts)
+    queries = [QUERIES[i % len(QUERIES)] for i in range(batch_size)]
     batch = Batch(
-        queries=fmt.query_batch(QUERIES, dense=cfg.dense, multi=cfg.multivector),
+        queries=fmt.query_batch(queries, dense=cfg.dense, multi=cfg.multivector),
         docs=fmt.documents(views),
-        pos=torch.arange(2),
-        valid=torch.ones(2, 2, dtype=torch.bool),
-        doc_counts=[2],
+        pos=torch.arange(batch_size),
+        valid=torch.ones(batch_size, batch_size, dtype=torch.bool),
+        doc_counts=[batch_size],
     )
     losses: list[float] = []
 
     def step() -> float:
-        with autocast_context(cfg, info.device):
-            q, d = model(batch.queries, batch.docs)
-        loss = objective(q, d, batch, info)
-        loss.backward()
+        if cfg.grad_cache_chunk:
+            loss = grad_cache_backward(
+                model.embed,
+                batch,
+                objective,
+                info,
+                cfg.grad_cache_chunk,
+                lambda: autocast_context(cfg, info.device),
+            )
+        else:
+            with autocast_context(cfg, info.device):
+                q, d = model(batch.queries, batch.docs)
+            loss = objective(q, d, batch, info)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -316,6 +338,9 @@ def part_train(retriever: str, args: argparse.Namespace) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": args.threads,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "setup": args.setup,
+        "batch_size": batch_size,
+        "grad_cache_chunk": cfg.grad_cache_chunk,
         "warmup_steps": args.warmup_steps,
         "build_s": build_s,
         "first_step_s": first_s,
@@ -468,6 +493,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="TrainConfig.gradient_checkpointing (off by default, as in TrainConfig)",
     )
+    ap.add_argument(
+        "--setups",
+        default="after",
+        help="training setups to run, comma-separated: before (fp32 weights, whole batch, every "
+        "activation kept: the trainer before GradCache) and/or after (bf16 weights, gradient "
+        "checkpointing, GradCache)",
+    )
+    ap.add_argument("--train-batch", type=int, default=2, help="queries (and pages) per training step")
+    ap.add_argument("--grad-cache-chunk", type=int, default=1, help="GradCache chunk of the 'after' setup")
+    ap.add_argument("--setup", default="after", help=argparse.SUPPRESS)  # one child's setup
     ap.add_argument("--pages", type=int, default=16, help="layout: timed pages (after one warm-up page)")
     ap.add_argument("--translate-pages", type=int, default=1, help="translate: pages of text")
     ap.add_argument("--max-decoding-length", type=int, default=64)
@@ -488,31 +523,38 @@ def main(argv: list[str] | None = None) -> None:
     passthrough += ["--gradient-checkpointing"] * args.gradient_checkpointing
     passthrough += ["--translate-pages", str(args.translate_pages), "--tgt", args.tgt]
     passthrough += ["--max-decoding-length", str(args.max_decoding_length)] + (["--quick"] * args.quick)
+    passthrough += ["--train-batch", str(args.train_batch), "--grad-cache-chunk", str(args.grad_cache_chunk)]
+    setups = [x.strip() for x in args.setups.split(",") if x.strip()]
+    if not setups or set(setups) - {"before", "after"}:
+        raise SystemExit("--setups takes before and/or after")
     results: dict[str, dict[str, Any]] = {}
     for part in parts:
-        t = time.perf_counter()
-        build = run_part("translate-build", passthrough)["build_s"] if part == "translate" else None
-        results[part] = run_part(part, passthrough)
-        if build is not None:
-            results[part]["build_s"] = build
-        print(f"{part}: done in {time.perf_counter() - t:.0f} s", flush=True)
+        for setup in setups if part.startswith("train-") else [""]:
+            t = time.perf_counter()
+            build = run_part("translate-build", passthrough)["build_s"] if part == "translate" else None
+            key = f"{part}:{setup}" if setup else part
+            results[key] = run_part(part, [*passthrough, "--setup", setup or "after"])
+            if build is not None:
+                results[key]["build_s"] = build
+            print(f"{key}: done in {time.perf_counter() - t:.0f} s", flush=True)
 
     size = "QUICK (reduced configs)" if args.quick else "production shapes"
     print(f"\n## {size}, random weights, CPU, {args.threads} threads\n")
-    print(f"| {'part':<19} | {'figure':<52} | {'peak RSS GiB':>12} |")
-    print(f"|{'-' * 21}|{'-' * 54}|{'-' * 13}:|")
+    print(f"| {'part':<24} | {'figure':<56} | {'peak RSS GiB':>12} |")
+    print(f"|{'-' * 26}|{'-' * 58}|{'-' * 13}:|")
     for part, r in results.items():
         if part.startswith("train-"):
-            ckpt = ", grad ckpt" if r["gradient_checkpointing"] else ""
-            warm = f"after {r['warmup_steps']} warm-up" if r["warmup_steps"] else "no warm-up"
-            fig = f"{r['step_s']:.1f} s/step ({r['dtype']}{ckpt}, {warm})"
+            ckpt = ", ckpt" if r["gradient_checkpointing"] else ""
+            cache = f", GradCache {r['grad_cache_chunk']}" if r["grad_cache_chunk"] else ""
+            fig = f"{r['step_s']:.1f} s/step (batch {r['batch_size']}, {r['dtype']}{ckpt}{cache})"
         elif part == "layout":
             fig = f"{r['s_per_page']:.2f} s/page ({r['pages']} pages {r['page_size'][0]}x{r['page_size'][1]})"
         else:
             fig = f"{r['generated_tokens_per_s']:.1f} generated tok/s (beam {r['beam_size']})"
-        print(f"| {part:<19} | {fig:<52} | {r['peak_rss_gib']:>12.2f} |")
-    if "train-dense" in results or "train-multivector" in results:
-        r = results.get("train-dense") or results["train-multivector"]
+        print(f"| {part:<24} | {fig:<56} | {r['peak_rss_gib']:>12.2f} |")
+    trains = [r for k, r in results.items() if k.startswith("train-")]
+    if trains:
+        r = trains[-1]
         print(
             f"\ntrain: {r['model']['parameters'] / 1e9:.2f} B parameters ({r['dtype']}, weights "
             f"{r['weights_rss_gib']:.1f} GiB RSS), LoRA r=32 trainable {r['trainable_params'] / 1e6:.1f} M; "

@@ -4,13 +4,20 @@ Runs as one process (CPU or one GPU) or under ``torchrun`` (one process per GPU,
 rank embeds its share of the global batch and the document embeddings of all ranks are all-gathered
 (differentiably) so every query is contrasted with every positive and hard negative of the global batch.
 
+At production size: the frozen backbone is held in bf16 on CUDA (LoRA adapters and heads in fp32),
+gradient checkpointing is on there, and ``grad_cache_chunk`` turns on GradCache
+(:func:`grad_cache_backward`), so the in-batch pool grows with ``batch_size`` while memory stays that
+of one chunk. Batches are decoded and collated ahead of the step by DataLoader workers (pinned memory on
+CUDA); a batch depends only on its micro-step, so any number of workers trains bitwise the same.
+
 Determinism and resume: the data order of micro-step ``g`` depends only on ``(seed, g)`` (epoch plans
-and negative sampling are seeded by them), the torch RNG (LoRA dropout) is saved with every checkpoint,
-and checkpoints are taken at optimizer-step boundaries. A run killed at any point and restarted with
-``resume=True`` continues from the last complete checkpoint and follows the same loss trajectory as an
-uninterrupted run. Checkpoints are written to a temporary directory and renamed (a kill mid-write
-leaves no half checkpoint that looks complete); only rank 0 writes. ``torch.load`` is only ever called
-with ``weights_only=True``.
+and negative sampling are seeded by them), each rank's torch RNG (LoRA dropout, seeded per rank) is saved
+with every checkpoint, and checkpoints are taken at optimizer-step boundaries. A run killed at any point
+and restarted with ``resume=True`` continues from the last complete checkpoint and follows the same loss
+trajectory as an uninterrupted run; a checkpoint is resumed only by the same config on the same number of
+processes. Checkpoints are written to a temporary directory and renamed (a kill mid-write leaves no half
+checkpoint that looks complete); only rank 0 writes. ``torch.load`` is only ever called with
+``weights_only=True``.
 """
 
 from __future__ import annotations
