@@ -463,19 +463,28 @@ class Batch:
     query_ids: list[str] = field(default_factory=list)
     doc_ids: list[str] = field(default_factory=list)
 
-    def to(self, device: torch.device) -> Batch:
-        def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+    def _map(self, fn: Any) -> Batch:
+        def side(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
         return Batch(
-            move(self.queries),
-            move(self.docs),
-            self.pos.to(device),
-            self.valid.to(device),
+            side(self.queries),
+            side(self.docs),
+            fn(self.pos),
+            fn(self.valid),
             self.doc_counts,
             self.query_ids,
             self.doc_ids,
         )
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        """The batch on ``device`` (``non_blocking`` overlaps the copy with compute from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies: the DataLoader's pin thread calls this (``pin_memory=True``), so the
+        copy to the GPU can run asynchronously."""
+        return self._map(lambda t: t.pin_memory())
 
 
 class PromptFormatter:

@@ -771,7 +771,7 @@ class Trainer:
             step_loss = 0.0
             for micro in range(c.grad_accum):
                 t_data = time.perf_counter()
-                batch = next(batches).to(info.device)
+                batch = next(batches).to(info.device, non_blocking=info.device.type == "cuda")
                 t_comp = time.perf_counter()
                 self.data_s += t_comp - t_data
                 sync = micro == c.grad_accum - 1 or not info.distributed
