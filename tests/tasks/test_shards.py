@@ -148,3 +148,23 @@ def test_pages_shard_loads_with_datasets_as_pil_images(tmp_path: Path):
     assert ds[0]["image"].size == (20, 10)
     assert set(ds.column_names) == set(PAGES_SCHEMA.names)
     assert ds[1]["regions"][0]["text"] == "hello 1"
+
+
+def test_row_groups_hold_about_two_mebibytes_so_a_page_read_decodes_few_pages(tmp_path) -> None:
+    """A reader decodes a whole row group to read one row: page shards (~200 KB images) get groups of
+    ~10 pages, small rows (train rows) stay at 64; the same table always gets the same groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.shards import ROW_GROUP_BYTES, row_group_rows, write_table
+    from tasks.storage import open_store
+
+    pages = pa.table({"page_id": [f"p{i}" for i in range(40)], "image": [bytes(200_000)] * 40})
+    small = pa.table({"query": [f"q{i}" for i in range(300)]})
+    assert row_group_rows(pages) == ROW_GROUP_BYTES // (pages.nbytes // 40) == 10
+    assert row_group_rows(small) == 64
+    assert row_group_rows(pa.table({"image": [bytes(5_000_000)] * 5})) == 4  # at least 4 rows
+    store = open_store(tmp_path)
+    write_table(store, "pages.parquet", pages)
+    md = pq.ParquetFile(tmp_path / "pages.parquet").metadata
+    assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [10, 10, 10, 10]
