@@ -25,7 +25,6 @@ import io
 import json
 import os
 import random
-import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -76,16 +75,12 @@ class TrainExample:
 
 
 ShardSpec = str | PurePath
-# ``Path("s3://b/k")`` collapses the scheme's ``//``: such a path is a URL that went through ``Path()``.
-_COLLAPSED_URL = re.compile(r"^([a-z][a-z0-9+.-]*):/(?!/)")
 
 
 def shard_spec(shard: ShardSpec) -> str:
-    """A shard as a string: a local path or a URL. A URL that went through ``Path()`` on the way here
-    (``s3:/b/k``) is restored; ``file://`` is a local path."""
+    """A shard as a string: a local path or a URL (``file://`` is a local path). Callers keep URLs as
+    strings: ``Path("s3://b/k")`` would collapse the scheme's ``//``."""
     spec = os.fspath(shard)
-    if isinstance(shard, PurePath) and _COLLAPSED_URL.match(spec) and not Path(spec).exists():
-        spec = _COLLAPSED_URL.sub(r"\1://", spec, count=1)
     return spec[len("file://") :] if spec.startswith("file://") else spec
 
 

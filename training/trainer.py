@@ -49,6 +49,7 @@ from training.data import (
     example_length,
     load_examples,
     load_text_set,
+    referenced_page_ids,
     text_pairs,
 )
 from training.losses import InfoNCELoss, MatryoshkaLoss, colbert_loss
@@ -546,7 +547,8 @@ def load_train_data(
     config: TrainConfig, train_shards: Sequence[str | Path], pages_shards: Sequence[str | Path], world: int
 ) -> TrainData:
     """Examples over a lazily read page store, and the epoch plans (one cached at a time)."""
-    store = PageStore(list(pages_shards))
+    # index only the pages a train row can reach (positives and negatives of the splits trained on)
+    store = PageStore(list(pages_shards), keep=referenced_page_ids(list(train_shards), config.splits))
     examples, dropped = load_examples(list(train_shards), store, config.splits)
     if dropped:
         log.warning("%d train rows skipped: positive page not in the pages shards", dropped)
