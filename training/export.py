@@ -28,6 +28,7 @@ from training.model import (
     RETRIEVER_FILE,
     load_backbone,
     load_processor,
+    peft_wrapping,
 )
 
 
@@ -71,7 +72,8 @@ def merged_backbone(src: str | Path) -> Merged:
         base_dir = resolve_source(meta["base_model_source"])
     model = load_backbone(base_dir)
     if (src / ADAPTER_DIR).exists():
-        model = PeftModel.from_pretrained(model, str(src / ADAPTER_DIR)).merge_and_unload()
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(src / ADAPTER_DIR)).merge_and_unload()
     processor = load_processor(src if (src / "processor_config.json").exists() else base_dir)
     return Merged(model, processor, meta, src, base_dir)
 

@@ -19,6 +19,9 @@ flip on a 1e-7 difference); see the README.
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +165,18 @@ def hidden_size_of(backbone: nn.Module) -> int:
     return int(text.hidden_size)
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft wrapping a model (``get_peft_model``, ``PeftModel.from_pretrained``): peft 0.21 reads
+    ``is_gradient_checkpointing``, which transformers 5 deprecates, so every load printed a FutureWarning
+    no m3dr user can act on. Only that message is silenced; every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def apply_lora(backbone: nn.Module, config: TrainConfig) -> nn.Module:
     """Wrap the backbone with peft LoRA per ``config.lora`` (all base weights frozen)."""
     from peft import LoraConfig, get_peft_model
@@ -173,7 +188,8 @@ def apply_lora(backbone: nn.Module, config: TrainConfig) -> nn.Module:
         target_modules=config.lora.target_modules,
         bias="none",
     )
-    return get_peft_model(backbone, lcfg)
+    with peft_wrapping():
+        return get_peft_model(backbone, lcfg)
 
 
 def build_retriever(
