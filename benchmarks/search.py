@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.retrieval import dense_topk, maxsim_peak_bytes, maxsim_scores
 
 
-def _unit(*shape: int, seed: int) -> torch.Tensor:
+def unit(*shape: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
 
 
-def _best_of(fn, repeats: int) -> tuple[float, object]:
+def best_of(fn, repeats: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
         t = time.perf_counter()
@@ -43,7 +43,7 @@ def _best_of(fn, repeats: int) -> tuple[float, object]:
 
 
 def bench_dense(args: argparse.Namespace) -> None:
-    q, d = _unit(args.queries, args.dim, seed=0), _unit(args.docs, args.dim, seed=1)
+    q, d = unit(args.queries, args.dim, seed=0), unit(args.docs, args.dim, seed=1)
     rows = []
     ref_ix = None
     variants = [("fp32", torch.float32, None), ("fp16 (fp16 store, fp32 GEMM)", torch.float16, None)]
@@ -64,7 +64,7 @@ def bench_dense(args: argparse.Namespace) -> None:
             )
 
         run()  # warm-up
-        secs, (_, ix) = _best_of(run, args.repeats)
+        secs, (_, ix) = best_of(run, args.repeats)
         if ref_ix is None:
             ref_ix = ix
         overlap = sum(len(set(a) & set(b)) for a, b in zip(ix.tolist(), ref_ix.tolist(), strict=True))
@@ -84,24 +84,24 @@ def bench_dense(args: argparse.Namespace) -> None:
         )
 
 
-def _status_bytes(key: str) -> int:
+def status_bytes(key: str) -> int:
     with open("/proc/self/status") as fh:
         return int(re.search(key + r":\s+(\d+)", fh.read()).group(1)) * 1024
 
 
-def _peak_extra(fn) -> tuple[int, object]:
+def peak_extra(fn) -> tuple[int, object]:
     """Peak RSS above the current RSS while ``fn`` runs: reset the kernel high-water mark first."""
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # Linux >= 4.0: VmHWM := VmRSS
-    base = _status_bytes("VmRSS")
+    base = status_bytes("VmRSS")
     out = fn()
-    return _status_bytes("VmHWM") - base, out
+    return status_bytes("VmHWM") - base, out
 
 
 def _maxsim_worker(
     kind: str, nq: int, lq: int, nd: int, ld: int, dim: int, dc: int, qc: int, reps: int
 ) -> dict:
-    q, d = _unit(nq, lq, dim, seed=2), _unit(nd, ld, dim, seed=3)
+    q, d = unit(nq, lq, dim, seed=2), unit(nd, ld, dim, seed=3)
     g = torch.Generator().manual_seed(4)
     qm = torch.arange(lq)[None] < torch.randint(lq // 2, lq + 1, (nq, 1), generator=g)
     dm = torch.arange(ld)[None] < torch.randint(ld // 2, ld + 1, (nd, 1), generator=g)
@@ -116,8 +116,8 @@ def _maxsim_worker(
 
     fn = chunked if kind == "chunked" else naive
     fn()  # warm-up at full size: BLAS allocates its packing buffers once per process (~20-30 MB here)
-    peak, _ = _peak_extra(fn)
-    secs, out = _best_of(fn, reps)
+    peak, _ = peak_extra(fn)
+    secs, out = best_of(fn, reps)
     return {"secs": secs, "peak": peak, "checksum": float(out.double().sum())}
 
 

@@ -7,7 +7,8 @@ For one :class:`~eval.beir.Benchmark` and one :class:`~tasks.encoders.Encoder`:
   of the cross set costs nothing more); Matryoshka dims are prefixes of those vectors, re-normalised;
 * **dense** retrievers ``dense@<dim>`` search exactly (:func:`eval.retrieval.dense_topk`, fp32 or fp16)
   or through FAISS; the **multi-vector** retriever ``multivector`` (encoders with
-  ``encode_pages_multi``) scores with chunked MaxSim;
+  ``encode_pages_multi``) searches with exact MaxSim (:func:`eval.retrieval.maxsim_topk`); both keep a
+  running top-``depth`` per query, never the ``[queries × pages]`` score matrix;
 * an optional reranker (:mod:`eval.rerank`) re-scores the top candidates of the widest dense (or the
   multi-vector) run as ``<retriever>+rerank``;
 * metrics (:mod:`eval.metrics`, equal to trec_eval) per set, and per query language inside a set;
@@ -40,9 +41,8 @@ from eval.retrieval import (
     EmbeddingCache,
     FaissIndex,
     dense_topk,
-    maxsim_scores,
+    maxsim_topk,
     pack_multivectors,
-    scores_to_run,
     topk_to_run,
     unpack_multivectors,
 )
@@ -346,6 +346,24 @@ class BenchmarkRunner:
         index.add(d)
         return index.search(q, k)
 
+    def _multi_search(
+        self, qe: torch.Tensor, qm: torch.Tensor | None, multi: list[torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact MaxSim top-``k`` (a running top-k per query: never the ``[queries × pages]`` matrix)."""
+        s = self.settings
+        return maxsim_topk(
+            qe,
+            qm,
+            multi,
+            None,
+            k,
+            doc_chunk=s.maxsim_doc_chunk,
+            query_chunk=s.maxsim_query_chunk,
+            # fp16-stored chunks are upcast on CPU, where fp16 GEMMs are ~3× slower than fp32
+            dtype=self._store_dtype if self.device.type == "cuda" else torch.float32,
+            device=self.device,
+        )
+
     def _text_view(self, info: SetInfo, bench: Benchmark) -> bool:
         """Whether to score the text view: asked for (or, by default, an encoder that reads text-only
         documents, e.g. the VLM retriever), on a text-query set whose corpus has page text."""
@@ -373,7 +391,6 @@ class BenchmarkRunner:
         """Encode the queries (with ``task``'s instruction, composed queries with their images) and add
         the dense (Matryoshka sweep) and multi-vector runs over one corpus encoding to ``runs``; runs of
         the text view are named ``text:<retriever>``."""
-        s = self.settings
         qids = bench.query_ids
         n = max(1, len(qids))
         prefix = TEXT_VIEW_PREFIX if task == "text-text" else ""
@@ -393,19 +410,9 @@ class BenchmarkRunner:
                 timing[name] = (q_ms, search_ms, {"fp32": 4.0 * dim, "fp16": 2.0 * dim})
         if multi is not None and qe is not None:
             t0 = time.perf_counter()
-            full = maxsim_scores(
-                qe,
-                qm,
-                multi,
-                None,
-                doc_chunk=s.maxsim_doc_chunk,
-                query_chunk=s.maxsim_query_chunk,
-                # fp16-stored chunks are upcast on CPU, where fp16 GEMMs are ~3× slower than fp32
-                dtype=self._store_dtype if self.device.type == "cuda" else torch.float32,
-                device=self.device,
-            )
+            scores, idx = self._multi_search(qe, qm, multi, depth)
             search_ms = 1000.0 * (time.perf_counter() - t0) / n
-            runs[prefix + MULTI] = scores_to_run(qids, bench.corpus_ids, full, k=depth)
+            runs[prefix + MULTI] = topk_to_run(qids, bench.corpus_ids, scores, idx)
             tokens = float(np.mean([t.shape[0] for t in multi])) if multi else 0.0
             width = multi[0].shape[1] if multi else 0
             timing[prefix + MULTI] = (

@@ -1,7 +1,9 @@
 """Exact retrieval for evaluation: dense top-k, ColBERT MaxSim, optional FAISS, on-disk embedding cache.
 
-Everything here is exact (no approximation) unless you choose a FAISS HNSW index. Memory is bounded
-by chunk sizes, not by corpus size, so 100k-page corpora score on a laptop.
+Everything here is exact (no approximation) unless you choose a FAISS HNSW index. Search
+(``dense_topk``, ``maxsim_topk``) keeps a running top-k per query: memory beyond the embeddings is
+bounded by chunk sizes and ``queries × k``, not by corpus size, so 100k-page corpora score on a laptop.
+``maxsim_scores`` returns the whole ``[queries × docs]`` matrix (same scores, bitwise): for small sets.
 
 fp16 on CPU (measured on this machine, 2 shared cores, torch 2.14.1, 1k queries × 100k docs × 768-d,
 top-10, best of 3): fp32 0.47 s; fp16 stored + each 4096-doc chunk up-cast to fp32 for the GEMM
@@ -17,7 +19,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +77,16 @@ def dense_topk(
     compute = torch.float32 if upcast else dtype
     d_store = d.to(device=device, dtype=dtype)  # the corpus as it would be kept in memory/on the GPU
     with torch.inference_mode():
+        # one score block for the call, reused through `out=` (no per-chunk allocation churn)
+        block = torch.empty(min(batch_size, nq) * min(doc_batch_size, nd), dtype=compute, device=device)
         for q0 in range(0, nq, batch_size):
             qb = q[q0 : q0 + batch_size].to(device=device, dtype=dtype).to(compute)
             best_s: torch.Tensor | None = None
             best_i: torch.Tensor | None = None
             for d0 in range(0, nd, doc_batch_size):
                 db = d_store[d0 : d0 + doc_batch_size].to(compute)
-                s = (qb @ db.T).float()
+                out = block[: qb.shape[0] * db.shape[0]].view(qb.shape[0], db.shape[0])
+                s = torch.matmul(qb, db.T, out=out).float()
                 s_top, i_top = torch.topk(s, min(kk, s.shape[1]), dim=1)
                 i_top += d0
                 if best_s is None:
@@ -89,7 +94,8 @@ def dense_topk(
                 else:
                     cat_s = torch.cat([best_s, s_top], dim=1)
                     cat_i = torch.cat([best_i, i_top], dim=1)
-                    best_s, pos = torch.topk(cat_s, kk, dim=1)
+                    # fewer than k candidates so far when doc chunks are narrower than k
+                    best_s, pos = torch.topk(cat_s, min(kk, cat_s.shape[1]), dim=1)
                     best_i = torch.gather(cat_i, 1, pos)
             assert best_s is not None and best_i is not None
             out_s[q0 : q0 + batch_size] = best_s.cpu()
@@ -146,15 +152,18 @@ def pad_multivectors(seqs: Sequence[TensorLike]) -> tuple[torch.Tensor, torch.Te
 def maxsim_peak_bytes(
     query_chunk: int, doc_chunk: int, lq: int, ld: int, dim: int = 0, itemsize: int = 4
 ) -> int:
-    """Peak working memory of maxsim_scores beyond its inputs and ``[nq, nd]`` output, in bytes.
+    """Peak working memory of MaxSim beyond its inputs, its output and the query chunks, in bytes.
 
-    Dominated by the one ``[query_chunk, lq, doc_chunk, ld]`` similarity buffer (allocated once,
-    reused, reduced to ``[query_chunk, lq, doc_chunk]``); with ``dim`` it adds the query chunk
-    copies (``2 × [query_chunk, lq, dim + 1]``) and up to three doc chunk copies
-    (``[doc_chunk, ld, dim + 1]``: gathered, padding zeroed, bias column appended).
+    Dominated by the one ``[query_chunk, lq, doc_chunk, ld]`` similarity buffer (allocated once per
+    call, reused), reduced into ``[query_chunk, lq, doc_chunk]`` and ``[query_chunk, doc_chunk]``
+    buffers (reused too); with ``dim`` it adds up to three copies of the one doc chunk in flight
+    (``[doc_chunk, ld, dim + 1]``: gathered, padding zeroed, bias column appended). The query chunks
+    (≈ ``2 × [nq, lq, dim + 1]``) are prepared once per call: they grow with the queries, never with
+    the corpus.
     """
     block = query_chunk * lq * doc_chunk * ld
-    return (block + (2 * query_chunk * lq + 3 * doc_chunk * ld) * (dim + 1 if dim else 0)) * itemsize
+    reductions = query_chunk * lq * doc_chunk + query_chunk * doc_chunk
+    return (block + reductions + 3 * doc_chunk * ld * (dim + 1 if dim else 0)) * itemsize
 
 
 def _normalise_side(
@@ -190,6 +199,176 @@ def _chunk(
     return x.to(device=device, dtype=dtype), m.to(device)
 
 
+def _lengths(x: torch.Tensor | list[torch.Tensor], m: torch.Tensor | None) -> list[int]:
+    return [t.shape[0] for t in x] if isinstance(x, list) else m.sum(1).tolist()  # type: ignore[union-attr]
+
+
+class _QueryBlock:
+    """One query chunk on the device: its flat tokens, the same with a trailing 1 (for the doc-side
+    bias column) and its mask. Built once per call and reused against every doc block."""
+
+    __slots__ = ("aug", "flat", "lq", "pad", "q0", "qc")
+
+    def __init__(self, q0: int, x: torch.Tensor, m: torch.Tensor) -> None:
+        qc, lq, dim = x.shape
+        self.q0, self.qc, self.lq = q0, qc, lq
+        self.pad = (~m).unsqueeze(2)  # [qc, lq, 1]
+        self.flat = x.reshape(qc * lq, dim)
+        # Query tokens get a trailing 1 so a doc-side bias column (0 real, −inf padding) masks inside
+        # the GEMM: a separate masked_fill over the block cost ~80 % of the GEMM's time.
+        ones = torch.ones((qc * lq, 1), dtype=x.dtype, device=x.device)
+        self.aug = torch.cat([self.flat, ones], dim=1)
+
+
+class _Buffers:
+    """The per-call work buffers, sized for the widest chunks and reused through ``out=`` / views for
+    every block: no per-block allocation churn, so the peak really is one block and does not drift
+    (glibc keeps freed sub-32 MB blocks in its heap: RSS grew to ~3 blocks with the similarity block
+    alone, and by a varying 30–190 MB with the reductions and doc operands allocating too).
+
+    ``doc`` holds the padded doc operand on the corpus side (its dtype and device); ``doc_dev`` its
+    converted copy where the compute dtype or device differs."""
+
+    def __init__(
+        self, qc: int, lq: int, dc: int, ld: int, width: int, src: torch.Tensor, dtype: torch.dtype, device
+    ) -> None:
+        self.sim = torch.empty(qc * lq * dc * ld, dtype=dtype, device=device)
+        self.best = torch.empty(qc * lq * dc, dtype=dtype, device=device)
+        self.score = torch.empty(qc * dc, dtype=torch.float32, device=device)
+        self.doc = torch.empty(dc * ld * width, dtype=src.dtype, device=src.device)
+        same = src.dtype == dtype and src.device == torch.device(device)
+        self.doc_dev = None if same else torch.empty(dc * ld * width, dtype=dtype, device=device)
+
+
+class _DocBlock:
+    """One doc chunk on the device as the GEMM's right operand ``[dc · ld, d]``, or ``[dc · ld, d + 1]``
+    with a bias column (0 real, −inf padding; padding values zeroed, since they may be anything,
+    NaN included) when the chunk has padding; and the corpus indices of its rows (on the device).
+
+    Each doc is copied once into the padded operand (a reused buffer), which is then converted and
+    moved once: the same values as padding, converting, zeroing and concatenating in turn."""
+
+    __slots__ = ("augmented", "dc", "ids", "ld", "mat")
+
+    def __init__(
+        self,
+        emb: torch.Tensor | list[torch.Tensor],
+        mask: torch.Tensor | None,
+        idx: list[int],
+        buf: _Buffers,
+        device: torch.device,
+    ) -> None:
+        neg_inf = float("-inf")
+        if isinstance(emb, list):
+            ts = [emb[i] for i in idx]
+            lens = [t.shape[0] for t in ts]
+            dc, ld, dim = len(ts), max(lens), ts[0].shape[1]
+            self.augmented = min(lens) < ld
+            width = dim + 1 if self.augmented else dim
+            op = buf.doc[: dc * ld * width].view(dc, ld, width)
+            if self.augmented:
+                op.zero_()
+                for i, t in enumerate(ts):
+                    op[i, : t.shape[0], :dim] = t
+                    op[i, t.shape[0] :, dim] = neg_inf
+            else:
+                torch.stack(ts, out=op)
+        else:
+            assert mask is not None
+            m = mask[idx]
+            # Trailing all-padding columns can go; masks need not be left-aligned, so keep up to the
+            # last column any row of the chunk uses.
+            used = torch.nonzero(m.any(0))
+            ld = int(used.max()) + 1 if used.numel() else 0
+            x, m = emb[idx, :ld], m[:, :ld]
+            dc, dim = x.shape[0], x.shape[2]
+            self.augmented = not bool(m.all())
+            width = dim + 1 if self.augmented else dim
+            op = buf.doc[: dc * ld * width].view(dc, ld, width)
+            op[..., :dim] = x
+            if self.augmented:
+                pad = ~m.to(x.device)
+                op[..., :dim].masked_fill_(pad[..., None], 0.0)
+                op[..., dim] = 0.0
+                op[..., dim].masked_fill_(pad, neg_inf)
+        self.dc, self.ld = dc, ld
+        flat = op.view(dc * ld, width)
+        if buf.doc_dev is not None:  # converted/moved into the device buffer, in stream order
+            flat = buf.doc_dev[: dc * ld * width].view(dc * ld, width).copy_(flat)
+        self.mat = flat
+        self.ids = torch.tensor(idx, dtype=torch.int64, device=device)
+
+
+def _block_scores(qb: _QueryBlock, db: _DocBlock, buf: _Buffers) -> torch.Tensor:
+    """``[qc, dc]`` fp32 MaxSim scores of one query block against one doc block: a view into ``buf``,
+    valid until the next call."""
+    qc, lq, dc, ld = qb.qc, qb.lq, db.dc, db.ld
+    sim2d = buf.sim[: qc * lq * dc * ld].view(qc * lq, dc * ld)
+    torch.matmul(qb.aug if db.augmented else qb.flat, db.mat.T, out=sim2d)  # the peak block
+    best = torch.amax(sim2d.view(qc, lq, dc, ld), dim=3, out=buf.best[: qc * lq * dc].view(qc, lq, dc))
+    best = best.float().masked_fill_(qb.pad, 0.0)  # padding query tokens are not summed
+    return torch.sum(best, dim=1, out=buf.score[: qc * dc].view(qc, dc))
+
+
+class _MaxSimPlan:
+    """Validated MaxSim inputs and the chunk plan shared by :func:`maxsim_scores` and
+    :func:`maxsim_topk`, so both compute the very same blocks (bitwise-equal scores)."""
+
+    def __init__(
+        self,
+        q_emb: TensorLike | Sequence[TensorLike],
+        q_mask: TensorLike | None,
+        d_emb: TensorLike | Sequence[TensorLike],
+        d_mask: TensorLike | None,
+        doc_chunk: int,
+        query_chunk: int,
+    ) -> None:
+        if doc_chunk < 1 or query_chunk < 1:
+            raise ValueError("chunk sizes must be >= 1")
+        self.q, self.qm = _normalise_side(q_emb, q_mask, "queries")
+        self.d, self.dm = _normalise_side(d_emb, d_mask, "docs")
+        self.q_len, self.d_len = _lengths(self.q, self.qm), _lengths(self.d, self.dm)
+        if any(n == 0 for n in self.q_len):
+            raise ValueError("a query has no unmasked token")
+        if any(n == 0 for n in self.d_len):
+            raise ValueError("a document has no unmasked token")
+        self.nq, self.nd = len(self.q_len), len(self.d_len)
+        self.doc_chunk, self.query_chunk = doc_chunk, query_chunk
+
+    def blocks(
+        self, dtype: torch.dtype, device: torch.device
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(q0, doc indices [dc], scores [qc, dc] fp32)`` on ``device`` for every pair of query chunk
+        and doc chunk, doc chunks in the outer loop (call under ``torch.inference_mode``); the scores
+        are a view into a reused buffer: use them before asking for the next block.
+
+        Each doc chunk is gathered, padded, converted and moved to ``device`` once per call (not
+        once per query chunk); the query chunks are prepared once up front (≈ twice the query
+        embeddings, independent of the corpus). Docs are grouped by length (stable sort) so chunks
+        carry little padding. Chunk membership and arithmetic do not depend on the loop order.
+        """
+        nq, nd, q, qm, d, dm = self.nq, self.nd, self.q, self.qm, self.d, self.dm
+        if nq == 0 or nd == 0:
+            return
+        d_order = sorted(range(nd), key=lambda j: self.d_len[j])
+        q_cap = max(self.q_len) if isinstance(q, list) else q.shape[1]
+        d_cap = max(self.d_len) if isinstance(d, list) else d.shape[1]
+        src = d[0] if isinstance(d, list) else d
+        width = src.shape[-1] + 1
+        buf = _Buffers(
+            min(self.query_chunk, nq), q_cap, min(self.doc_chunk, nd), d_cap, width, src, dtype, device
+        )
+        qblocks = [
+            _QueryBlock(q0, *_chunk(q, qm, list(range(q0, min(q0 + self.query_chunk, nq))), dtype, device))
+            for q0 in range(0, nq, self.query_chunk)
+        ]
+        for d0 in range(0, nd, self.doc_chunk):
+            dj = d_order[d0 : d0 + self.doc_chunk]
+            db = _DocBlock(d, dm, dj, buf, device)
+            for qb in qblocks:
+                yield qb.q0, db.ids, _block_scores(qb, db, buf)
+
+
 def maxsim_scores(
     q_emb: TensorLike | Sequence[TensorLike],
     q_mask: TensorLike | None,
@@ -207,64 +386,61 @@ def maxsim_scores(
     ``d_mask [nd, ld]``; either side may instead be a list of ``[l_i, d]`` tensors (mask ``None``),
     e.g. variable-length page embeddings. Padding doc tokens never win the max (filled with −inf),
     padding query tokens are not summed. Peak memory beyond inputs/output is one similarity buffer
-    ``[qc, lq, dc, ld]`` (allocated once, reused) plus one query and one doc chunk copy:
+    ``[qc, lq, dc, ld]`` (allocated once, reused) plus the query chunks and one doc chunk copy:
     ``maxsim_peak_bytes(query_chunk, doc_chunk, lq, ld, d)``, e.g. 16 × 32 × 64 × 1024 × 4 B = 128 MiB
-    for the block. Docs are grouped by length so chunks carry little padding. A doc or
-    query with no real token is an error (its score would be undefined).
+    for the block. The output itself is ``4 · nq · nd`` bytes: to search a corpus, use
+    :func:`maxsim_topk` (same scores, memory flat in corpus size). A doc or query with no real token
+    is an error (its score would be undefined).
     """
-    if doc_chunk < 1 or query_chunk < 1:
-        raise ValueError("chunk sizes must be >= 1")
-    q, qm = _normalise_side(q_emb, q_mask, "queries")
-    d, dm = _normalise_side(d_emb, d_mask, "docs")
-    q_len = [t.shape[0] for t in q] if isinstance(q, list) else qm.sum(1).tolist()  # type: ignore[union-attr]
-    d_len = [t.shape[0] for t in d] if isinstance(d, list) else dm.sum(1).tolist()  # type: ignore[union-attr]
-    if any(n == 0 for n in q_len):
-        raise ValueError("a query has no unmasked token")
-    if any(n == 0 for n in d_len):
-        raise ValueError("a document has no unmasked token")
-    nq, nd = len(q_len), len(d_len)
-    device = torch.device(device)
-    out = torch.empty((nq, nd), dtype=torch.float32)
-    # Group docs of similar length (stable sort) so each chunk pads/trims to a near-uniform length.
-    d_order = sorted(range(nd), key=lambda j: d_len[j])
-    neg_inf = float("-inf")
-    # One similarity buffer for the whole call, sized for the widest chunk and reused through
-    # `out=`: no per-chunk allocation churn, so the peak really is one block (glibc otherwise keeps
-    # freed sub-32 MB blocks in its heap and RSS grew to ~3 blocks in measurements).
-    q_cap = max(q_len) if isinstance(q, list) else q.shape[1]
-    d_cap = max(d_len) if isinstance(d, list) else d.shape[1]
-    buf = torch.empty(min(query_chunk, nq) * q_cap * min(doc_chunk, nd) * d_cap, dtype=dtype, device=device)
+    plan = _MaxSimPlan(q_emb, q_mask, d_emb, d_mask, doc_chunk, query_chunk)
+    out = torch.empty((plan.nq, plan.nd), dtype=torch.float32)
     with torch.inference_mode():
-        for q0 in range(0, nq, query_chunk):
-            qi = list(range(q0, min(q0 + query_chunk, nq)))
-            qx, qmx = _chunk(q, qm, qi, dtype, device)  # [qc, lq, d], [qc, lq]
-            qc, lq, dim = qx.shape
-            q_flat = qx.reshape(qc * lq, dim)
-            # Query tokens get a trailing 1 so a doc-side bias column (0 real, −inf padding) masks
-            # inside the GEMM: a separate masked_fill over the block cost ~80 % of the GEMM's time.
-            q_aug = torch.cat([q_flat, torch.ones((qc * lq, 1), dtype=dtype, device=device)], dim=1)
-            for d0 in range(0, nd, doc_chunk):
-                dj = d_order[d0 : d0 + doc_chunk]
-                dx, dmx = _chunk(d, dm, dj, dtype, device)  # [dc, ld, d], [dc, ld]
-                dc, ld, _ = dx.shape
-                sim2d = buf[: qc * lq * dc * ld].view(qc * lq, dc * ld)
-                if bool(dmx.all()):
-                    torch.matmul(q_flat, dx.reshape(dc * ld, dim).T, out=sim2d)  # the peak block
-                else:
-                    dx = dx.masked_fill(~dmx[..., None], 0.0)  # padding values may be anything (NaN)
-                    bias = torch.zeros((dc, ld, 1), dtype=dtype, device=device).masked_fill_(
-                        ~dmx[..., None], neg_inf
-                    )
-                    d_aug = torch.cat([dx, bias], dim=2).reshape(dc * ld, dim + 1)
-                    torch.matmul(q_aug, d_aug.T, out=sim2d)
-                    del d_aug, bias
-                del dx
-                sim = sim2d.view(qc, lq, dc, ld)
-                best = sim.amax(dim=3).float()  # [qc, lq, dc]
-                del sim, sim2d
-                best = torch.where(qmx.view(qc, lq, 1), best, 0.0)
-                out[q0 : q0 + qc, torch.tensor(dj)] = best.sum(dim=1).cpu()
+        for q0, ids, s in plan.blocks(dtype, torch.device(device)):
+            out[q0 : q0 + s.shape[0], ids.cpu()] = s.cpu()
     return out
+
+
+def maxsim_topk(
+    q_emb: TensorLike | Sequence[TensorLike],
+    q_mask: TensorLike | None,
+    d_emb: TensorLike | Sequence[TensorLike],
+    d_mask: TensorLike | None,
+    k: int,
+    *,
+    doc_chunk: int = 64,
+    query_chunk: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact MaxSim search: ``(scores, indices) [nq, k']``, ``k' = min(k, nd)``, rows sorted by score
+    descending (order among exactly tied scores unspecified); scores fp32 and indices int64 on CPU.
+
+    The scores are :func:`maxsim_scores`'s, bitwise, for the same chunk sizes (same inputs, masks,
+    dtype and device rules); what differs is memory: a running top-k per query is merged after each
+    doc chunk (like :func:`dense_topk`), so beyond the embeddings it holds ``O(nq · k)`` results, the
+    query chunks and one block (``maxsim_peak_bytes``), never an ``[nq, nd]`` matrix.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    plan = _MaxSimPlan(q_emb, q_mask, d_emb, d_mask, doc_chunk, query_chunk)
+    kk = min(k, plan.nd)
+    best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.inference_mode():
+        for q0, ids, s in plan.blocks(dtype, torch.device(device)):
+            # the block's own top-k first, then a merge of two [qc, ≤ k] lists: no [qc, k + dc] copy
+            top_s, pos = torch.topk(s, min(kk, s.shape[1]), dim=1)
+            top_i = ids[pos]
+            if q0 in best:
+                cat_s, cat_i = torch.cat([best[q0][0], top_s], dim=1), torch.cat([best[q0][1], top_i], dim=1)
+                top_s, pos = torch.topk(cat_s, min(kk, cat_s.shape[1]), dim=1)
+                top_i = torch.gather(cat_i, 1, pos)
+            best[q0] = (top_s, top_i)
+    out_s = torch.empty((plan.nq, kk), dtype=torch.float32)
+    out_i = torch.empty((plan.nq, kk), dtype=torch.int64)
+    for q0, (top_s, top_i) in best.items():
+        out_s[q0 : q0 + top_s.shape[0]] = top_s.cpu()
+        out_i[q0 : q0 + top_s.shape[0]] = top_i.cpu()
+    return out_s, out_i
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ Matryoshka truncation (default: full hidden size; truncation re-normalises). Mul
 ``encode_queries_multi``/``encode_pages_multi`` return ``(emb [n, L, D] float32 unit rows, mask [n, L]
 bool)``, left-padded, scored with :func:`training.losses.maxsim`.
 
+Precision: on CUDA the backbone runs in bf16 with a training output's LoRA merged into it (peft
+``merge_and_unload``), the heads in fp32; on CPU in fp32 with the adapter unmerged (the vectors of
+earlier releases, bit for bit). Pages are decoded and run through the processor in a
+``torch.utils.data.DataLoader`` (``num_workers`` processes ahead of the forward pass, pinned memory on
+CUDA; ``0`` decodes in-process, batch by batch).
+
 Listed as encoder engines ``vlm-retriever`` and ``vlm-base`` in ``training.encoders.ENCODERS`` (profile
 table: ``{engine = "vlm-retriever", path = "...", dim = 768}``), so every flow can build them.
 """
@@ -21,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,37 @@ def _kind_runs(pages: Sequence[PageView], size: int) -> list[list[PageView]]:
     return out
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``: CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The backbone's precision for benchmarking: bf16 on CUDA (as trained and as colpali-engine runs
+    it), fp32 on CPU (where bf16 matmuls are slow and the vectors of earlier releases are fp32)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def default_workers(device: torch.device) -> int:
+    """Page-decoding processes: a few on CUDA, where decoding would otherwise stall the GPU; none on
+    the CPU, where they would compete with the forward pass for the same cores."""
+    return min(4, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
+
+
+class _DocumentBatches(torch.utils.data.Dataset):
+    """Item ``i``: the processor's inputs for the ``i``-th run of pages (PNG decoding + processor),
+    what DataLoader workers compute ahead of the forward pass."""
+
+    def __init__(self, formatter: PromptFormatter, runs: list[list[PageView]]) -> None:
+        self.formatter, self.runs = formatter, runs
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.formatter.documents(self.runs[i])
+
+
 def _retriever_for_inference(backbone: torch.nn.Module, config: TrainConfig) -> RetrieverModel:
     """The dense retriever over ``backbone`` (+ the multi-vector head when ``config`` has one)."""
     return RetrieverModel(
@@ -76,6 +114,12 @@ def _retriever_for_inference(backbone: torch.nn.Module, config: TrainConfig) -> 
         multivector_dim=config.multivector_dim,
         positions=config.positions,
     )
+
+
+def _dtype_tag(dtype: torch.dtype) -> str:
+    """Fingerprint suffix of a non-fp32 backbone: its vectors differ, so cached corpora must not mix
+    (fp32 keeps the bare fingerprint of earlier releases and their caches)."""
+    return "" if dtype == torch.float32 else f"@{str(dtype).removeprefix('torch.')}"
 
 
 class VlmRetrieverEncoder:
@@ -95,9 +139,13 @@ class VlmRetrieverEncoder:
         dim: int | None = None,
         batch_size: int = 16,
         device: str | torch.device | None = None,
+        num_workers: int | None = None,
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.num_workers = default_workers(self.device) if num_workers is None else int(num_workers)
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         self.processor = processor
         self.formatter = PromptFormatter(processor, prompts)
         self.dim = dim or model.hidden_size
@@ -120,8 +168,10 @@ class VlmRetrieverEncoder:
         path = Path(path)
         meta = json.loads((path / RETRIEVER_FILE).read_text())
         config = TrainConfig.model_validate(meta["train_config"])
+        device = resolve_device(kw.pop("device", None))
+        dtype = inference_dtype(device)
         if meta.get("merged"):
-            backbone = load_backbone(path)
+            backbone = load_backbone(path, dtype=dtype)
             processor = load_processor(path)
         else:
             from peft import PeftModel
@@ -131,16 +181,22 @@ class VlmRetrieverEncoder:
                 from tasks.models import resolve_source
 
                 base_dir = resolve_source(meta["base_model_source"])
-            backbone = load_backbone(base_dir)
+            backbone = load_backbone(base_dir, dtype=dtype)
             if (path / ADAPTER_DIR).exists():
                 backbone = PeftModel.from_pretrained(backbone, str(path / ADAPTER_DIR))
+                # Merged on CUDA: one bf16 matmul per projection instead of three. Unmerged on CPU, so
+                # the fp32 vectors stay those of earlier releases bit for bit (merging moves them by
+                # float rounding, ~1e-7).
+                if dtype != torch.float32:
+                    backbone = backbone.merge_and_unload()
             processor = load_processor(path if (path / "processor_config.json").exists() else base_dir)
         model = _retriever_for_inference(backbone, config)
         if (path / HEADS_FILE).exists():
             model.load_head_state(load_file(str(path / HEADS_FILE)))
-        enc = cls(model, processor, config.prompts, model_id=f"vlm-retriever:{path.name}", dim=dim, **kw)
+        model_id = f"vlm-retriever:{path.name}"
+        enc = cls(model, processor, config.prompts, model_id=model_id, dim=dim, device=device, **kw)
         enc.matryoshka_dims = list(config.matryoshka_dims)
-        enc._fp_base = f"vlm-retriever:{model_fingerprint(path, 20)}"
+        enc._fp_base = f"vlm-retriever:{model_fingerprint(path, 20)}{_dtype_tag(dtype)}"
         return enc
 
     @classmethod
@@ -149,7 +205,9 @@ class VlmRetrieverEncoder:
     ) -> VlmRetrieverEncoder:
         """The untrained baseline: the bare backbone with ``config``'s prompts (head seeded by seed)."""
         model_dir = Path(model_dir)
-        backbone = load_backbone(model_dir)
+        device = resolve_device(kw.pop("device", None))
+        dtype = inference_dtype(device)
+        backbone = load_backbone(model_dir, dtype=dtype)
         torch.manual_seed(config.seed)
         model = _retriever_for_inference(backbone, config)
         enc = cls(
@@ -158,14 +216,11 @@ class VlmRetrieverEncoder:
             config.prompts,
             model_id=f"vlm-base:{model_dir.name}",
             dim=dim,
+            device=device,
             **kw,
         )
-        enc._fp_base = (
-            "vlm-base:"
-            + hashlib.sha256(
-                (model_fingerprint(model_dir, 20) + config.model_dump_json()).encode()
-            ).hexdigest()[:20]
-        )
+        digest = hashlib.sha256((model_fingerprint(model_dir, 20) + config.model_dump_json()).encode())
+        enc._fp_base = f"vlm-base:{digest.hexdigest()[:20]}{_dtype_tag(dtype)}"
         return enc
 
     def truncated(self, dim: int) -> VlmRetrieverEncoder:
@@ -188,12 +243,13 @@ class VlmRetrieverEncoder:
 
     @torch.no_grad()
     def _embed(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.model.embed({k: v.to(self.device) for k, v in inputs.items()})
+        # non_blocking: the DataLoader pins the batch on CUDA, so the copy overlaps the last kernels
+        return self.model.embed({k: v.to(self.device, non_blocking=True) for k, v in inputs.items()})
 
-    def _dense(self, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
-        if not batches:
-            return np.zeros((0, self.dim), dtype=np.float32)
+    def _dense(self, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
         out = [self._embed(b)["dense"][:, : self.dim].float().cpu().numpy() for b in batches]
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
         return l2_normalise(np.concatenate(out, axis=0))
 
     def _query_batches(
@@ -221,8 +277,18 @@ class VlmRetrieverEncoder:
             for i in range(0, len(texts), b)
         ]
 
-    def _page_batches(self, pages: Sequence[PageView]) -> list[dict[str, torch.Tensor]]:
-        return [self.formatter.documents(run) for run in _kind_runs(pages, self.batch_size)]
+    def _page_batches(self, pages: Sequence[PageView]) -> Iterable[dict[str, torch.Tensor]]:
+        """Processor inputs per batch of pages, in order, decoded by ``num_workers`` DataLoader
+        processes ahead of the forward pass (never more than the batches after the first) or, with 0,
+        in-process one batch at a time; pinned on CUDA for non-blocking copies."""
+        runs = _kind_runs(pages, self.batch_size)
+        return torch.utils.data.DataLoader(
+            _DocumentBatches(self.formatter, runs),
+            batch_size=None,  # items are whole batches already
+            shuffle=False,
+            num_workers=min(self.num_workers, max(0, len(runs) - 1)),
+            pin_memory=self.device.type == "cuda",
+        )
 
     def encode_queries(
         self,
@@ -243,11 +309,13 @@ class VlmRetrieverEncoder:
 
     # ------------------------------------------------------------------------------------ multi-vector
 
-    def _multi(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _multi(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         _, emb, mask = self._both(batches)
         return emb, mask
 
-    def _both(self, batches: list[dict[str, torch.Tensor]]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    def _both(
+        self, batches: Iterable[dict[str, torch.Tensor]]
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Dense and multi-vector outputs of the same forward passes (half the cost of asking twice)."""
         if self.model.multi_head is None:
             raise ValueError("this retriever has no multi-vector head (trained with retriever='dense')")
@@ -294,11 +362,17 @@ def build_vlm_base(cfg: dict[str, Any]) -> Encoder:
         dim=cfg.get("dim"),
         batch_size=int(cfg.get("batch_size", 16)),
         device=cfg.get("device"),
+        num_workers=cfg.get("num_workers"),
     )
 
 
 def build_vlm_retriever(cfg: dict[str, Any]) -> Encoder:
-    """Encoder engine factory: ``{"engine": "vlm-retriever", "path": ..., "dim": ..., "batch_size": ...}``."""
+    """Encoder engine factory: ``{"engine": "vlm-retriever", "path": ..., "dim": ..., "batch_size": ...,
+    "device": ..., "num_workers": ...}`` (device and workers default by hardware)."""
     return VlmRetrieverEncoder.load(
-        cfg["path"], dim=cfg.get("dim"), batch_size=int(cfg.get("batch_size", 16)), device=cfg.get("device")
+        cfg["path"],
+        dim=cfg.get("dim"),
+        batch_size=int(cfg.get("batch_size", 16)),
+        device=cfg.get("device"),
+        num_workers=cfg.get("num_workers"),
     )
