@@ -71,7 +71,9 @@ class EvalSettings:
     multivector: bool | None = None  # None: when the encoder has a multi-vector head
     dense: bool = True
     text_view: bool | None = None  # None: when the encoder reads text-only documents (VLM retrievers)
-    batch_size: int = 32  # pages per encoder call while streaming the corpus
+    # pages per encoder call while streaming the corpus; None: 32 on CPU, 512 on CUDA, where each call's
+    # DataLoader workers (training.inference) need enough batches to decode ahead of the GPU
+    batch_size: int | None = None
     device: str = "auto"  # where search runs: auto = cuda when available, else cpu
     maxsim_doc_chunk: int = 64
     maxsim_query_chunk: int = 16
@@ -215,13 +217,14 @@ class BenchmarkRunner:
         self._store_dtype = torch.float16 if self.settings.dtype == "float16" else torch.float32
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if self.settings.device == "auto" else self.settings.device)
+        self.pages_per_call = self.settings.batch_size or (512 if self.device.type == "cuda" else 32)
 
     # -- corpus -------------------------------------------------------------------------------------
     def _page_keys(self, bench: Benchmark, as_text: bool = False) -> list[str]:
         texts = bench.corpus_texts or [""] * len(bench.corpus_ids)
         keys = []
         mark = b"\0text-view" if as_text else b""
-        for ids, imgs in bench.iter_images(self.settings.batch_size):
+        for ids, imgs in bench.iter_images(self.pages_per_call):
             for c, b in zip(ids, imgs, strict=True):
                 i = len(keys)
                 text = (texts[i] or "").encode()  # hub corpora may carry null texts
@@ -263,7 +266,7 @@ class BenchmarkRunner:
         need_dense = want_dense and dense is None
         need_multi = want_multi and multi is None
         encoded, seconds, start = 0, 0.0, 0
-        for ids, imgs in bench.iter_images(self.settings.batch_size):
+        for ids, imgs in bench.iter_images(self.pages_per_call):
             batch_keys = keys[start : start + len(ids)]
             todo = [
                 i

@@ -200,7 +200,9 @@ class BenchmarkParams(BaseModel):
     dtype: Literal["float32", "float16"] = Field("float32", description="Dense index precision.")
     search: Literal["exact", "faiss-flat", "faiss-hnsw"] = Field("exact", description="Dense search.")
     depth: int = Field(100, ge=10, description="Docs per query kept in runs and TREC files.")
-    batch_size: int = Field(16, ge=1, description="Pages per encoder call.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Pages per encoder call (None: 32 on CPU, 512 on CUDA for decode workers)."
+    )
     rerank: dict[str, Any] | None = Field(
         None,
         description=(

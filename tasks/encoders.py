@@ -173,6 +173,7 @@ class VlmBaseConfig(StrictModel):
     dim: int | None = None
     batch_size: int = 16
     device: str | None = None
+    num_workers: int | None = None  # DataLoader workers decoding pages (None: 0 on CPU, 4 on CUDA)
 
 
 class VlmRetrieverConfig(StrictModel):
@@ -183,6 +184,7 @@ class VlmRetrieverConfig(StrictModel):
     dim: int | None = None
     batch_size: int = 16
     device: str | None = None
+    num_workers: int | None = None  # DataLoader workers decoding pages (None: 0 on CPU, 4 on CUDA)
 
 
 class ColpaliConfig(StrictModel):

@@ -47,6 +47,7 @@ from training.model import (
     hidden_size_of,
     load_backbone,
     load_processor,
+    peft_wrapping,
 )
 
 
@@ -183,7 +184,8 @@ class VlmRetrieverEncoder:
                 base_dir = resolve_source(meta["base_model_source"])
             backbone = load_backbone(base_dir, dtype=dtype)
             if (path / ADAPTER_DIR).exists():
-                backbone = PeftModel.from_pretrained(backbone, str(path / ADAPTER_DIR))
+                with peft_wrapping():
+                    backbone = PeftModel.from_pretrained(backbone, str(path / ADAPTER_DIR))
                 # Merged on CUDA: one bf16 matmul per projection instead of three. Unmerged on CPU, so
                 # the fp32 vectors stay those of earlier releases bit for bit (merging moves them by
                 # float rounding, ~1e-7).
