@@ -24,12 +24,17 @@ Each part runs in its own subprocess, so the peak RSS printed is that part's own
   (``--max-decoding-length``, default 64 = the chunker's 64-token chunks) so each output is a
   translation-sized one; tokens/s counts generated target tokens (the forced language token excluded).
 
-The training step keeps every activation unless ``--gradient-checkpointing`` (TrainConfig's field, off by
-default): at 4B that peaks above 17.5 GiB RSS (seen on 2 cores, stopped mid-step), with it ~12 GiB.
+Training setups (``--setups``): ``after`` (default) is the trainer's production configuration: bf16
+weights (where the CPU has bf16), gradient checkpointing and GradCache (``--grad-cache-chunk``, 0: off),
+through ``training.trainer.grad_cache_backward``; ``before`` is the trainer as it was: fp32 weights, every
+activation kept, the whole batch at once (at 4B it passed 17.5 GiB RSS on 2 cores, stopped mid-step).
+``--train-batch`` sets queries (and pages) per step: with GradCache the peak stays that of one chunk.
 
     nice -n 10 .venv/bin/python benchmarks/production_shapes.py --quick     # smoke test, ~1.5 min
-    nice -n 10 .venv/bin/python benchmarks/production_shapes.py --gradient-checkpointing --warmup-steps 0 \
-        --json out/production_shapes.json                                   # ~9 min, 12 GiB peak
+    nice -n 10 .venv/bin/python benchmarks/production_shapes.py --quick --parts train-dense \
+        --setups before,after --train-batch 4                               # the two setups side by side
+    nice -n 10 .venv/bin/python benchmarks/production_shapes.py --parts train-multivector --warmup-steps 0 \
+        --train-batch 4 --json out/production_shapes.json                   # ~11 min, 11.2 GiB peak
     .venv/bin/python benchmarks/production_shapes.py --parts layout,translate
 """
 
@@ -267,7 +272,7 @@ def part_train(retriever: str, args: argparse.Namespace) -> dict[str, Any]:
         matryoshka_dims=[768, 1536, 2560] if not args.quick else [64, 128, 256],
         precision="bf16" if bf16 else "fp32",
         gradient_checkpointing=after or args.gradient_checkpointing,
-        grad_cache_chunk=args.grad_cache_chunk if after else None,
+        grad_cache_chunk=(args.grad_cache_chunk or None) if after else None,
     )
     backbone = apply_lora(backbone, cfg)
     if cfg.gradient_checkpointing:  # as training.model.build_retriever does
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--gradient-checkpointing",
         action="store_true",
-        help="TrainConfig.gradient_checkpointing (off by default, as in TrainConfig)",
+        help="gradient checkpointing in the 'before' setup too ('after' always has it)",
     )
     ap.add_argument(
         "--setups",
@@ -501,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         "checkpointing, GradCache)",
     )
     ap.add_argument("--train-batch", type=int, default=2, help="queries (and pages) per training step")
-    ap.add_argument("--grad-cache-chunk", type=int, default=1, help="GradCache chunk of the 'after' setup")
+    ap.add_argument("--grad-cache-chunk", type=int, default=1, help="'after' GradCache chunk (0: off)")
     ap.add_argument("--setup", default="after", help=argparse.SUPPRESS)  # one child's setup
     ap.add_argument("--pages", type=int, default=16, help="layout: timed pages (after one warm-up page)")
     ap.add_argument("--translate-pages", type=int, default=1, help="translate: pages of text")
