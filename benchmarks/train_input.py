@@ -36,10 +36,11 @@ def main() -> None:
 
     from tests.support.toy_corpus import build_toy_corpus
     from training.config import PromptSettings, TrainConfig
-    from training.data import Collator, PageStore, PromptFormatter, batch_plan, example_length, load_examples
+    from training.data import Collator, PageStore, PromptFormatter, example_length, load_examples
     from training.model import build_retriever, load_processor
     from training.trainer import (
         DistInfo,
+        EpochPlan,
         RetrievalObjective,
         _iter_batches,
         _MicroBatches,
@@ -63,14 +64,7 @@ def main() -> None:
         model_dir = resolve_model_dir(cfg.model)
         store = PageStore([corpus.pages_shard])
         examples, _ = load_examples([corpus.train_shard], store)
-        plan = batch_plan(
-            examples,
-            cfg.batch_size,
-            seed=0,
-            epoch=0,
-            bucket_batches=cfg.bucket_batches,
-            length=example_length(store, cfg.prompts),
-        )
+        plan_for = EpochPlan(cfg, examples, cfg.batch_size, example_length(store, cfg.prompts))
         collator = Collator(
             PromptFormatter(load_processor(model_dir), cfg.prompts), store, examples, num_negatives=1, seed=0
         )
@@ -87,9 +81,6 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             if info.device.type == "cuda":
                 torch.cuda.synchronize()
-
-        def plan_for(g: int) -> list[int]:
-            return plan[g % len(plan)]
 
         step(collator(plan_for(0), 0))  # warm-up (allocations, lazy init)
         t = time.perf_counter()

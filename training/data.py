@@ -723,14 +723,37 @@ class Collator:
         )
 
 
-def example_length(store: PageStore, prompts: PromptSettings):
-    """Bucketing key: query characters + (page text characters when the text is in the prompt)."""
-    with_text = prompts.doc_text == "region_text"
+class ExampleLength:
+    """Bucketing key: query characters + (page text characters when the text is in the prompt).
+    A class, not a closure: the epoch plan that holds it goes to DataLoader workers by pickle."""
 
-    def length(ex: TrainExample) -> int:
+    def __init__(self, store: PageStore, prompts: PromptSettings) -> None:
+        self.store = store
+        self.with_text = prompts.doc_text == "region_text"
+        self.cap = 4 * prompts.max_doc_text_tokens
+
+    def __call__(self, ex: TrainExample) -> int:
         n = len(ex.query)
-        if with_text or ex.doc_kind == "text":
-            n += min(store.text_len(ex.positive_page_id), 4 * prompts.max_doc_text_tokens)
+        if self.with_text or ex.doc_kind == "text":
+            n += min(self.store.text_len(ex.positive_page_id), self.cap)
         return n
 
-    return length
+
+def example_length(store: PageStore, prompts: PromptSettings) -> ExampleLength:
+    return ExampleLength(store, prompts)
+
+
+# DataLoader workers start from a forkserver (a clean process that preloads these), never by forking the
+# caller: a caller with threads (a Prefect task runner, an S3 client's event loop, a test runner) can be
+# forked while another thread holds a lock, and the child then waits on it forever. Seen here: under a
+# loaded test run, forked workers hung at exit until the loader terminated them.
+WORKER_PRELOAD = ["torch", "transformers", "training.data"]
+
+
+def loader_context() -> Any:
+    """The multiprocessing context of every DataLoader with workers (see ``WORKER_PRELOAD``)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_PRELOAD)
+    return ctx

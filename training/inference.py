@@ -38,7 +38,7 @@ import torch
 from tasks.encoders import Encoder, PageView, l2_normalise
 from tasks.models import fingerprint as model_fingerprint
 from training.config import PromptSettings, TrainConfig
-from training.data import PromptFormatter
+from training.data import PromptFormatter, loader_context
 from training.model import (
     ADAPTER_DIR,
     HEADS_FILE,
@@ -284,12 +284,15 @@ class VlmRetrieverEncoder:
         processes ahead of the forward pass (never more than the batches after the first) or, with 0,
         in-process one batch at a time; pinned on CUDA for non-blocking copies."""
         runs = _kind_runs(pages, self.batch_size)
+        workers = min(self.num_workers, max(0, len(runs) - 1))
         return torch.utils.data.DataLoader(
             _DocumentBatches(self.formatter, runs),
             batch_size=None,  # items are whole batches already
             shuffle=False,
-            num_workers=min(self.num_workers, max(0, len(runs) - 1)),
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
+            multiprocessing_context=loader_context() if workers else None,
+            generator=torch.Generator().manual_seed(0),  # leave the global RNG alone
         )
 
     def encode_queries(

@@ -49,6 +49,7 @@ from training.data import (
     example_length,
     load_examples,
     load_text_set,
+    loader_context,
     referenced_page_ids,
     text_pairs,
 )
@@ -381,7 +382,7 @@ def build_optimizer(model: RetrieverModel, config: TrainConfig) -> torch.optim.O
 class _MicroBatches(torch.utils.data.Dataset):
     """Map-style view ``i → collated micro-batch start + i`` (lets a DataLoader prefetch in workers)."""
 
-    def __init__(self, plan_for, collator: Collator, start: int, stop: int) -> None:
+    def __init__(self, plan_for: Any, collator: Collator, start: int, stop: int) -> None:
         self.plan_for = plan_for
         self.collator = collator
         self.start = start
@@ -414,6 +415,7 @@ def _iter_batches(
         prefetch_factor=prefetch_factor,
         persistent_workers=True,
         pin_memory=pin_memory,
+        multiprocessing_context=loader_context(),
         # its own generator: a loader otherwise draws its workers' base seed from the global RNG, which
         # would shift the dropout masks of every step after it (found by the 0-vs-2-workers test)
         generator=torch.Generator().manual_seed(0),
@@ -532,6 +534,37 @@ def phase_text_examples(config: TrainConfig, examples: list, store: PageStore) -
 # ------------------------------------------------------------------------------------------ train
 
 
+class EpochPlan:
+    """Micro-step ``g`` → example indices of its global batch: epoch ``g // per_epoch``'s plan (one epoch's
+    plan cached at a time), deterministic in (seed, epoch). A picklable object: it goes to the
+    DataLoader's worker processes."""
+
+    def __init__(self, config: TrainConfig, examples: list, global_batch: int, length: Any) -> None:
+        self.config, self.examples, self.global_batch, self.length = config, examples, global_batch, length
+        self._plans: dict[int, list[list[int]]] = {}
+        self.per_epoch = len(self.epoch(0))
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            c = self.config
+            self._plans = {
+                epoch: batch_plan(
+                    self.examples,
+                    self.global_batch,
+                    seed=c.seed,
+                    epoch=epoch,
+                    bucket_batches=c.bucket_batches,
+                    length=self.length,
+                    replay=c.replay if c.phase == "text" else 0.0,
+                )
+            }
+        return self._plans[epoch]
+
+    def __call__(self, g: int) -> list[int]:
+        epoch, i = divmod(g, self.per_epoch)
+        return self.epoch(epoch)[i]
+
+
 @dataclass
 class TrainData:
     """What the steps read: the page store, the examples and the deterministic plan of micro-batches."""
@@ -539,14 +572,14 @@ class TrainData:
     store: PageStore
     examples: list
     global_batch: int
-    plan_for: Any  # micro-step g → example indices of its global batch
+    plan_for: EpochPlan  # micro-step g → example indices of its global batch
     per_epoch: int  # global batches in one epoch
 
 
 def load_train_data(
     config: TrainConfig, train_shards: Sequence[str | Path], pages_shards: Sequence[str | Path], world: int
 ) -> TrainData:
-    """Examples over a lazily read page store, and the epoch plans (one cached at a time)."""
+    """Examples over a lazily read page store, and the epoch plans."""
     # index only the pages a train row can reach (positives and negatives of the splits trained on)
     store = PageStore(list(pages_shards), keep=referenced_page_ids(list(train_shards), config.splits))
     examples, dropped = load_examples(list(train_shards), store, config.splits)
@@ -555,32 +588,10 @@ def load_train_data(
     if config.phase == "text":
         examples = phase_text_examples(config, examples, store)
     global_batch = config.batch_size * world
-    length = example_length(store, config.prompts)
-    plans: dict[int, list[list[int]]] = {}
-
-    def plan_for_epoch(epoch: int) -> list[list[int]]:
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = batch_plan(
-                examples,
-                global_batch,
-                seed=config.seed,
-                epoch=epoch,
-                bucket_batches=config.bucket_batches,
-                length=length,
-                replay=config.replay if config.phase == "text" else 0.0,
-            )
-        return plans[epoch]
-
-    per_epoch = len(plan_for_epoch(0))
-    if per_epoch == 0:
+    plan = EpochPlan(config, examples, global_batch, example_length(store, config.prompts))
+    if plan.per_epoch == 0:
         raise ValueError(f"{len(examples)} train examples < one global batch of {global_batch}")
-
-    def plan_for(g: int) -> list[int]:
-        epoch, i = divmod(g, per_epoch)
-        return plan_for_epoch(epoch)[i]
-
-    return TrainData(store, examples, global_batch, plan_for, per_epoch)
+    return TrainData(store, examples, global_batch, plan, plan.per_epoch)
 
 
 class Trainer:
