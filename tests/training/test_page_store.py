@@ -109,19 +109,24 @@ def test_store_pickles_without_its_cache_or_files(root: SyntheticRoot) -> None:
     assert copy.get(root.page_ids[150]) == store.get(root.page_ids[150])
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["loader", "spawn"])
 def test_dataloader_workers_read_s3_pages_after_the_parent_did(
     root: SyntheticRoot, s3_bucket: str, context: str
 ) -> None:
-    """The parent's S3 client and open files are in use when the workers start (fork copies them,
-    spawn pickles the store): each worker opens its own, and every page equals the direct read."""
+    """The parent's S3 client and open files are in use when the workers start (the trainer's workers come
+    from a forkserver, ``loader_context``; spawn pickles the store too): each worker opens its own, and
+    every page equals the direct read. Plain fork is not offered: forking a process whose S3 client runs
+    an event-loop thread can copy a held lock (a CI run saw such a worker hang at exit)."""
+    from training.data import loader_context
+
+    mp_context = loader_context() if context == "loader" else context
     url = upload_root(root.root, f"{s3_bucket}/run")
     store = PageStore(shard_urls(root, url, root.pages_shards), cache_row_groups=2)
     ids = root.page_ids[::3]
     expected = direct_pages(root.pages_shards)
     assert store.get(ids[0]) == expected[ids[0]]  # the parent holds an open S3 file now
     loader = DataLoader(
-        Pages(store, ids), batch_size=8, num_workers=2, multiprocessing_context=context, collate_fn=list
+        Pages(store, ids), batch_size=8, num_workers=2, multiprocessing_context=mp_context, collate_fn=list
     )
     got = [p for batch in loader for p in batch]
     assert got == [expected[i] for i in ids]
