@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from rapidfuzz.distance import Levenshtein
 
 from tasks import languages
 from tasks.schema import Region
@@ -56,18 +57,9 @@ def normalize(text: str) -> str:
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (unit costs) between two strings, O(len(a) * len(b)) time, O(len(b)) memory."""
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Levenshtein distance (unit costs) between two strings (rapidfuzz's bit-parallel C++: the pure-Python
+    dynamic programme it replaced was 18 % of the translate stage's profile; same integer)."""
+    return int(Levenshtein.distance(a, b))
 
 
 def cer_counts(reference: str, hypothesis: str) -> tuple[int, int]:
