@@ -36,8 +36,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.search import peak_extra, unit  # noqa: E402
+from benchmarks.search import unit  # noqa: E402
 from eval.retrieval import dense_topk, maxsim_peak_bytes, maxsim_scores, maxsim_topk  # noqa: E402
+from tests.support.memory import peak_extra  # noqa: E402
 
 MULTI = ("stream", "full", "colpali")
 DENSE = ("dense", "colpali-dense")

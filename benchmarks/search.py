@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.retrieval import dense_topk, maxsim_peak_bytes, maxsim_scores
+from tests.support.memory import peak_extra
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:
@@ -82,20 +82,6 @@ def bench_dense(args: argparse.Namespace) -> None:
             f"{label:32} {secs:8.3f} {args.queries / secs:10.0f} {base / secs:7.2f} {ov:10.3f} "
             f"{nbytes / 2**20:10.0f}"
         )
-
-
-def status_bytes(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        return int(re.search(key + r":\s+(\d+)", fh.read()).group(1)) * 1024
-
-
-def peak_extra(fn) -> tuple[int, object]:
-    """Peak RSS above the current RSS while ``fn`` runs: reset the kernel high-water mark first."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # Linux >= 4.0: VmHWM := VmRSS
-    base = status_bytes("VmRSS")
-    out = fn()
-    return status_bytes("VmHWM") - base, out
 
 
 def _maxsim_worker(

@@ -182,6 +182,13 @@ def _normalise_side(
     return t, m
 
 
+def _used_width(mask: torch.Tensor) -> int:
+    """Columns of a chunk's ``[c, l]`` mask up to the last one any row uses: trailing all-padding
+    columns can go (masks need not be left-aligned, so not just the longest row's count)."""
+    used = torch.nonzero(mask.any(0))
+    return int(used.max()) + 1 if used.numel() else 0
+
+
 def _chunk(
     emb: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None, idx: list[int], dtype, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,10 +198,7 @@ def _chunk(
     else:
         assert mask is not None
         m = mask[idx]
-        # Trailing all-padding columns can go; masks need not be left-aligned, so keep up to the
-        # last column any row of the chunk uses.
-        used = torch.nonzero(m.any(0))
-        lmax = int(used.max()) + 1 if used.numel() else 0
+        lmax = _used_width(m)
         x, m = emb[idx, :lmax], m[:, :lmax]
     return x.to(device=device, dtype=dtype), m.to(device)
 
@@ -276,10 +280,7 @@ class _DocBlock:
         else:
             assert mask is not None
             m = mask[idx]
-            # Trailing all-padding columns can go; masks need not be left-aligned, so keep up to the
-            # last column any row of the chunk uses.
-            used = torch.nonzero(m.any(0))
-            ld = int(used.max()) + 1 if used.numel() else 0
+            ld = _used_width(m)
             x, m = emb[idx, :ld], m[:, :ld]
             dc, dim = x.shape[0], x.shape[2]
             self.augmented = not bool(m.all())

@@ -117,16 +117,10 @@ def iter_row_groups(spec: str, columns: Sequence[str]) -> Iterator[tuple[int, pa
             yield g, pf.read_row_group(g, columns=cols)
 
 
-def referenced_page_ids(train_shards: Sequence[ShardSpec], splits: Sequence[str] = ("train",)) -> set[str]:
-    """Every page a train row of ``splits`` references (positive or negative): the ``keep`` set of a
+def referenced_page_ids(examples: Iterable[TrainExample]) -> set[str]:
+    """Every page the examples reference (positive or negative): the ``keep`` set of a
     :class:`PageStore` that indexes nothing training can never read."""
-    out: set[str] = set()
-    for shard in train_shards:
-        for _, t in iter_row_groups(shard_spec(shard), ["positive_page_id", "negative_page_ids", "split"]):
-            t = t.filter(pc.is_in(t["split"], value_set=pa.array(list(splits), pa.string())))
-            out.update(t["positive_page_id"].to_pylist())
-            out.update(pc.list_flatten(t["negative_page_ids"]).to_pylist())
-    return out
+    return {p for ex in examples for p in (ex.positive_page_id, *ex.negative_page_ids)}
 
 
 class PageStore:
@@ -300,11 +294,11 @@ def decode_image(png: bytes | None, target: int) -> Image.Image:
 def load_examples(
     train_shards: Sequence[ShardSpec], store: PageStore | None = None, splits: Sequence[str] = ("train",)
 ) -> tuple[list[TrainExample], int]:
-    """Rows of the train shards in ``splits`` (file order; dev rows stay out of training by default);
-    rows whose positive is not in ``store`` are dropped. Shards are local paths or URLs, read one row
+    """Rows of the train shards in ``splits`` (file order; dev rows stay out of training by default),
+    restricted to ``store`` when given (:func:`in_store`). Shards are local paths or URLs, read one row
     group at a time.
 
-    Returns (examples, dropped). Negatives missing from the store are dropped from the row.
+    Returns (examples, dropped).
     """
     cols = [
         "query_id",
@@ -318,29 +312,33 @@ def load_examples(
         "query_image",  # shards written before composed queries lack it
     ]
     out: list[TrainExample] = []
-    dropped = 0
     for shard in train_shards:
         for _, table in iter_row_groups(shard_spec(shard), cols):
-            for r in table.to_pylist():
-                if r["split"] not in splits:
-                    continue
-                if store is not None and r["positive_page_id"] not in store:
-                    dropped += 1
-                    continue
-                negs = tuple(n for n in (r["negative_page_ids"] or []) if store is None or n in store)
-                out.append(
-                    TrainExample(
-                        r["query_id"],
-                        r["query"],
-                        r["query_lang"],
-                        r["positive_page_id"],
-                        r["source_page_id"],
-                        negs,
-                        kind=r.get("kind") or "",
-                        query_image=image_bytes(r.get("query_image")),
-                    )
+            out += [
+                TrainExample(
+                    r["query_id"],
+                    r["query"],
+                    r["query_lang"],
+                    r["positive_page_id"],
+                    r["source_page_id"],
+                    tuple(r["negative_page_ids"] or ()),
+                    kind=r.get("kind") or "",
+                    query_image=image_bytes(r.get("query_image")),
                 )
-    return out, dropped
+                for r in table.to_pylist()
+                if r["split"] in splits
+            ]
+    return (out, 0) if store is None else in_store(out, store)
+
+
+def in_store(examples: Sequence[TrainExample], store: PageStore) -> tuple[list[TrainExample], int]:
+    """(examples whose positive is in ``store``, with negatives outside it removed; rows dropped)."""
+    out = [
+        replace(ex, negative_page_ids=tuple(n for n in ex.negative_page_ids if n in store))
+        for ex in examples
+        if ex.positive_page_id in store
+    ]
+    return out, len(examples) - len(out)
 
 
 def text_pairs(examples: Sequence[TrainExample], store: PageStore) -> list[TrainExample]:

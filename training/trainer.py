@@ -47,6 +47,7 @@ from training.data import (
     PromptFormatter,
     batch_plan,
     example_length,
+    in_store,
     load_examples,
     load_text_set,
     loader_context,
@@ -573,16 +574,21 @@ class TrainData:
     examples: list
     global_batch: int
     plan_for: EpochPlan  # micro-step g → example indices of its global batch
-    per_epoch: int  # global batches in one epoch
+
+    @property
+    def per_epoch(self) -> int:
+        """Global batches in one epoch."""
+        return self.plan_for.per_epoch
 
 
 def load_train_data(
     config: TrainConfig, train_shards: Sequence[str | Path], pages_shards: Sequence[str | Path], world: int
 ) -> TrainData:
     """Examples over a lazily read page store, and the epoch plans."""
+    examples, _ = load_examples(list(train_shards), None, config.splits)  # the train shards, read once
     # index only the pages a train row can reach (positives and negatives of the splits trained on)
-    store = PageStore(list(pages_shards), keep=referenced_page_ids(list(train_shards), config.splits))
-    examples, dropped = load_examples(list(train_shards), store, config.splits)
+    store = PageStore(list(pages_shards), keep=referenced_page_ids(examples))
+    examples, dropped = in_store(examples, store)
     if dropped:
         log.warning("%d train rows skipped: positive page not in the pages shards", dropped)
     if config.phase == "text":
@@ -591,7 +597,7 @@ def load_train_data(
     plan = EpochPlan(config, examples, global_batch, example_length(store, config.prompts))
     if plan.per_epoch == 0:
         raise ValueError(f"{len(examples)} train examples < one global batch of {global_batch}")
-    return TrainData(store, examples, global_batch, plan, plan.per_epoch)
+    return TrainData(store, examples, global_batch, plan)
 
 
 class Trainer:

@@ -123,21 +123,11 @@ def test_maxsim_variable_length_lists_and_unaligned_masks() -> None:
 
 _MEM_SCRIPT = textwrap.dedent(
     """
-    import json, re, sys, torch
+    import json, sys, torch
     sys.path.insert(0, sys.argv[1])
     from eval.retrieval import maxsim_scores
+    from tests.support.memory import peak_extra
     torch.set_num_threads(1)
-
-    def kib(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-
-    def peak_extra(fn):
-        # Reset the kernel's RSS high-water mark to the current RSS, run, read it back (Linux >= 4.0).
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = kib("VmRSS")
-        out = fn()
-        return kib("VmHWM") - base, out
 
     nq, lq, nd, ld, dim = 8, 32, 2000, 128, 64
     q = torch.randn(nq, lq, dim); d = torch.randn(nd, ld, dim)

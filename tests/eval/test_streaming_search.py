@@ -111,21 +111,11 @@ def test_dense_topk_with_doc_chunks_narrower_than_k() -> None:
 
 _MEM_SCRIPT = textwrap.dedent(
     """
-    import json, re, sys, torch
+    import json, sys, torch
     sys.path.insert(0, sys.argv[1])
     from eval.retrieval import maxsim_topk
+    from tests.support.memory import peak_extra
     torch.set_num_threads(1)
-
-    def rss(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-
-    def peak_extra(fn):
-        # Reset the kernel's RSS high-water mark to the current RSS, run, read it back (Linux >= 4.0).
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = rss("VmRSS")
-        out = fn()
-        return rss("VmHWM") - base, out
 
     # The probe first: a fresh 256 MiB tensor is seen (nothing freed earlier can hide it).
     probe, _ = peak_extra(lambda: torch.ones(1 << 26).sum())

@@ -65,7 +65,7 @@ def test_pages_are_read_by_row_group_under_a_bounded_cache(root: SyntheticRoot) 
 
 
 def test_keep_indexes_only_the_pages_train_rows_reference(root: SyntheticRoot) -> None:
-    keep = referenced_page_ids(root.train_shards)
+    keep = referenced_page_ids(load_examples(root.train_shards)[0])
     assert keep == set(root.page_ids)  # every synthetic page is someone's positive
     some = set(root.page_ids[:10])
     store = PageStore(root.pages_shards, keep=some)
