@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from xml.sax.saxutils import escape
 
+from bidi.mirror import MIRRORED
 from PIL import Image
 
 from tasks import languages
@@ -166,20 +167,18 @@ def _register(face: FontFace, data: bytes) -> str:
     return name
 
 
-_MIRROR = dict(zip("()[]{}<>«»‹›", ")(][}{><»«›‹", strict=True))
-
-
 def _mirror(text: str) -> str:
     """Bidi mirroring (rule L4) for the words of an RTL run that HarfBuzz would shape as LTR.
 
     reportlab shapes word by word and lets HarfBuzz guess the direction from the script: a word with
-    Arabic letters is shaped RTL (HarfBuzz mirrors its brackets), a lone bracket or quote is not.
+    Arabic letters is shaped RTL (HarfBuzz mirrors its brackets), a lone bracket or quote is not. The
+    mirror glyphs are Unicode's Bidi_Mirroring_Glyph pairs (BidiMirroring.txt) as python-bidi ships them.
     """
     words = text.split(" ")
     return " ".join(
         w
         if any(unicodedata.bidirectional(c) in _STRONG_R for c in w)
-        else "".join(_MIRROR.get(c, c) for c in w)
+        else "".join(MIRRORED.get(c, c) for c in w)
         for w in words
     )
 

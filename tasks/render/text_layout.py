@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 import regex
+from bidi import get_display
 
 from tasks import languages
 from tasks.render import fonts
@@ -16,79 +17,45 @@ from tasks.render.fonts import FontFace
 
 # ---------------------------------------------------------------------------- bidi + font runs
 _STRONG_R = {"R", "AL"}
+# Bidi classes that can make a level other than 0 in an LTR paragraph: strong RTL, Arabic numbers and
+# the explicit embeddings/overrides/isolates. Text without any of them skips the library (all level 0).
+_NOT_PLAIN_LTR = _STRONG_R | {"AN", "LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
+# python-bidi (0.6.x, a binding of the Rust crate unicode-bidi) exposes the resolved levels only as the
+# pretty-printed `BidiInfo` of `get_display(..., debug=True)`: one `Level(n)` per UTF-8 byte in its
+# `levels` field. The field is anchored on a real newline, which the escaped `text` field cannot hold.
+_LEVELS_FIELD = regex.compile(r"\n    levels: \[\n(.*?)\n    \],\n", regex.DOTALL)
+_LEVEL = regex.compile(r"Level\(\s*(\d+),\s*\)")
 
 
 def bidi_levels(text: str, rtl_base: bool) -> list[int]:
-    """Embedding levels per character (simplified UBA: rules W1–W7, N1–N2, I1–I2; no explicit embeddings).
+    """Embedding levels per character from the Unicode Bidirectional Algorithm (UAX #9), via python-bidi.
 
-    Enough for translated prose: Arabic letters level 1, Latin words and numbers inside RTL text
-    level 2 (so they stay left-to-right), neutrals take the direction of their neighbours.
+    The paragraph level is given (1 if ``rtl_base``), not guessed from the text. Levels are the resolved
+    ones of rules X1–I2 (before the per-line rule L1): Arabic/Hebrew letters at level 1, Latin words and
+    numbers inside RTL text at level 2, neutrals by their neighbours and bracket pairs. Pure-LTR text in
+    an LTR paragraph is all level 0 without calling the library.
     """
-    base = 1 if rtl_base else 0
-    types = [unicodedata.bidirectional(ch) or "ON" for ch in text]
-    if not rtl_base and not any(t in _STRONG_R or t == "AN" for t in types):
+    if not text:
+        return []
+    if not rtl_base and not any(unicodedata.bidirectional(ch) in _NOT_PLAIN_LTR for ch in text):
         return [0] * len(text)
-    sos = "R" if rtl_base else "L"
-    # W1: NSM takes the previous type.
-    prev = sos
-    for i, t in enumerate(types):
-        if t == "NSM":
-            types[i] = prev
-        prev = types[i]
-    # W2 / W3: EN after AL → AN; AL → R.
-    last_strong = sos
-    for i, t in enumerate(types):
-        if t in ("L", "R", "AL"):
-            last_strong = t
-        elif t == "EN" and last_strong == "AL":
-            types[i] = "AN"
-    types = ["R" if t == "AL" else t for t in types]
-    # W4: a single separator between two numbers of the same type joins them.
-    for i in range(1, len(types) - 1):
-        a, t, b = types[i - 1], types[i], types[i + 1]
-        if (t == "ES" and a == b == "EN") or (t == "CS" and a == b and a in ("EN", "AN")):
-            types[i] = a
-    # W5: terminators next to European numbers become numbers.
-    i = 0
-    while i < len(types):
-        if types[i] == "ET":
-            j = i
-            while j < len(types) and types[j] == "ET":
-                j += 1
-            if (i > 0 and types[i - 1] == "EN") or (j < len(types) and types[j] == "EN"):
-                types[i:j] = ["EN"] * (j - i)
-            i = j
-        else:
-            i += 1
-    # W7: EN after an L context becomes L.
-    last_strong = sos
-    for i, t in enumerate(types):
-        if t in ("L", "R"):
-            last_strong = t
-        elif t == "EN" and last_strong == "L":
-            types[i] = "L"
-    # N1 / N2: neutrals between same-direction context take it, else the base direction.
-    strong = {"L": "L", "R": "R", "EN": "R", "AN": "R"}
-    i = 0
-    while i < len(types):
-        if types[i] in strong:
-            i += 1
-            continue
-        j = i
-        while j < len(types) and types[j] not in strong:
-            j += 1
-        before = strong[types[i - 1]] if i > 0 else sos
-        after = strong[types[j]] if j < len(types) else sos
-        fill = before if before == after else sos
-        types[i:j] = [fill] * (j - i)
-        i = j
-    levels = []
-    for t in types:
-        if base == 0:
-            levels.append({"L": 0, "R": 1}.get(t, 2))
-        else:
-            levels.append(1 if t == "R" else 2)
-    return levels
+    return list(_uba_levels(text, rtl_base))
+
+
+@lru_cache(maxsize=65536)
+def _uba_levels(text: str, rtl_base: bool) -> tuple[int, ...]:
+    """The library's per-character levels (cached: line fitting measures the same words at many sizes)."""
+    info = get_display(text, base_dir="R" if rtl_base else "L", debug=True)
+    field = _LEVELS_FIELD.search(info)
+    per_byte = [int(n) for n in _LEVEL.findall(field.group(1))] if field else []
+    if len(per_byte) != len(text.encode("utf-8")):
+        raise RuntimeError(f"cannot read python-bidi's levels for {text!r} (its debug output changed?)")
+    levels, at = [], 0
+    for ch in text:  # a character's level is the level of its first UTF-8 byte
+        levels.append(per_byte[at])
+        cp = ord(ch)
+        at += 1 if cp < 0x80 else 2 if cp < 0x800 else 3 if cp < 0x10000 else 4
+    return tuple(levels)
 
 
 def _assign_faces(text: str, chain: list[FontFace]) -> list[FontFace | None]:
