@@ -100,7 +100,8 @@ def _cff_subset_to_ttf(face: FontFace, chars: frozenset[str]) -> bytes:
     from fontTools.pens.ttGlyphPen import TTGlyphPen
     from fontTools.ttLib import TTFont, newTable
 
-    font = TTFont(str(face.path), fontNumber=face.index, lazy=True)
+    # recalcTimestamp=False: saving would stamp head.modified with the clock, and the PDF bytes with it
+    font = TTFont(str(face.path), fontNumber=face.index, lazy=True, recalcTimestamp=False)
     opts = subset.Options()
     opts.layout_features = ["*"]
     opts.name_IDs = ["*"]

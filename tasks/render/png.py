@@ -64,11 +64,18 @@ def _pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
     )
 
 
+def page_pixels(image: Image.Image) -> np.ndarray:
+    """The page as an (h, w, 3) int16 array: converted once per page, read by every box's planning."""
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
 def estimate_colors(
-    image: Image.Image, pbox: tuple[int, int, int, int], cfg: RenderConfig
+    image: Image.Image | np.ndarray, pbox: tuple[int, int, int, int], cfg: RenderConfig
 ) -> tuple[RGB, RGB]:
-    """(background, text colour) for a pixel box: median of the border ring; ink by contrast."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    """(background, text colour) for a pixel box: median of the border ring; ink by contrast.
+
+    ``image``: the page, or its :func:`page_pixels` (a page with many boxes converts once)."""
+    rgb = image if isinstance(image, np.ndarray) else page_pixels(image)
     x0, y0, x1, y1 = pbox
     h, w = rgb.shape[:2]
     ex0, ey0, ex1, ey1 = max(0, x0 - 1), max(0, y0 - 1), min(w, x1 + 1), min(h, y1 + 1)
@@ -156,9 +163,16 @@ class _Plan:
 
 
 def _plan_box(
-    image: Image.Image, box: Box, text: str, lang: str, cfg: RenderConfig, bold: bool
+    image: Image.Image,
+    box: Box,
+    text: str,
+    lang: str,
+    cfg: RenderConfig,
+    bold: bool,
+    pixels: np.ndarray | None = None,
 ) -> _Plan | BoxRender:
-    """Decide colours, size, lines and the ink mask of one box without touching the image."""
+    """Decide colours, size, lines and the ink mask of one box without touching the image
+    (``pixels``: the page's :func:`page_pixels`, when the caller has them)."""
     missing = fonts.uncovered_chars(text, lang, bold=bold)
     if missing:
         shown = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '?')}" for c in missing[:5])
@@ -202,7 +216,7 @@ def _plan_box(
             )
         lines, asc, pitch = got
     mask = mask.crop((margin - dx, margin - dy, margin - dx + iw, margin - dy + ih))
-    bg, color = estimate_colors(image, pbox, cfg)
+    bg, color = estimate_colors(image if pixels is None else pixels, pbox, cfg)
     return _Plan(pbox, inner, size, lines, mask, bg, color)
 
 
@@ -239,8 +253,20 @@ def render_text_in_box(
     return _ink(image, plan)
 
 
+def _leading_true(flags: np.ndarray) -> int:
+    """How many of ``flags`` are True before the first False."""
+    stop = np.flatnonzero(~flags)
+    return int(stop[0]) if stop.size else int(flags.size)
+
+
 def grow_box(
-    image: Image.Image, box: Box, others: Sequence[Box], cfg: RenderConfig, *, rtl: bool = False
+    image: Image.Image,
+    box: Box,
+    others: Sequence[Box],
+    cfg: RenderConfig,
+    *,
+    rtl: bool = False,
+    pixels: np.ndarray | None = None,
 ) -> Box:
     """The box extended into adjoining empty background: sideways (away from the text start), then down.
 
@@ -252,31 +278,32 @@ def grow_box(
     x0, y0, x1, y1 = _pixel_box(box, image.size)
     if x1 <= x0 or y1 <= y0:
         return tuple(box)  # type: ignore[return-value]
-    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    rgb = page_pixels(image) if pixels is None else pixels
     h, w = rgb.shape[:2]
-    bg, _ = estimate_colors(image, (x0, y0, x1, y1), cfg)
-    free = np.abs(rgb - np.asarray(bg)).max(axis=2) <= cfg.ink_threshold // 2
+    bg, _ = estimate_colors(rgb, (x0, y0, x1, y1), cfg)
+    margin = max(2, int(0.02 * w))
+    gap = 2  # keep a couple of pixels clear of whatever stops the growth
+    # the box may reach [left, right) sideways and [y1, bottom) down: only that window is looked at
+    left = max(margin, x0 - int((x1 - x0) * cfg.grow_x)) if rtl else x0
+    right = x1 if rtl else max(x1, min(w - margin, x1 + int((x1 - x0) * cfg.grow_x)))
+    bottom = max(y1, min(h - margin, y1 + int((y1 - y0) * cfg.grow_y)))
+    left = min(left, x0)
+    win = rgb[y0:bottom, left:right]
+    free = np.abs(win - np.asarray(bg, dtype=np.int16)).max(axis=2) <= cfg.ink_threshold // 2
     for ob in others:
         a0, b0, a1, b1 = _pixel_box(ob, image.size)
         if a1 > a0 and b1 > b0 and not (a0 >= x0 and b0 >= y0 and a1 <= x1 and b1 <= y1):
-            free[b0:b1, a0:a1] = False  # other regions are walls (regions nested inside ours are not)
-    margin = max(2, int(0.02 * w))
-    gap = 2  # keep a couple of pixels clear of whatever stops the growth
+            # other regions are walls (regions nested inside ours are not)
+            free[max(0, b0 - y0) : max(0, b1 - y0), max(0, a0 - left) : max(0, a1 - left)] = False
     nx0, nx1 = x0, x1
-    limit = int((x1 - x0) * cfg.grow_x)
-    if rtl:
-        while nx0 - 1 >= margin and x0 - (nx0 - 1) <= limit and free[y0:y1, nx0 - 1].all():
-            nx0 -= 1
-        nx0 = min(x0, nx0 + gap)
+    if rtl:  # columns x0-1, x0-2, … while free over the box's rows
+        cols = free[: y1 - y0, : x0 - left].all(axis=0)[::-1]
+        nx0 = min(x0, x0 - _leading_true(cols) + gap)
     else:
-        while nx1 < w - margin and nx1 + 1 - x1 <= limit and free[y0:y1, nx1].all():
-            nx1 += 1
-        nx1 = max(x1, nx1 - gap)
-    ny1 = y1
-    ylimit = int((y1 - y0) * cfg.grow_y)
-    while ny1 < h - margin and ny1 + 1 - y1 <= ylimit and free[ny1, nx0:nx1].all():
-        ny1 += 1
-    ny1 = max(y1, ny1 - gap)
+        cols = free[: y1 - y0, x1 - left :].all(axis=0)
+        nx1 = max(x1, x1 + _leading_true(cols) - gap)
+    rows = free[y1 - y0 :, nx0 - left : nx1 - left].all(axis=1)
+    ny1 = max(y1, y1 + _leading_true(rows) - gap)
     return (float(nx0), float(y0), float(nx1), float(ny1))
 
 
@@ -299,16 +326,17 @@ def render_page(image: Image.Image, regions: Sequence[Region], lang: str, cfg: R
     failures: list[RenderFailure] = []
     boxes: dict[int, BoxRender] = {}
     rtl = languages.get(lang).direction == "rtl"
+    pixels = page_pixels(image)
     for i, region in enumerate(regions):
         if not _wants_render(region):
             continue
         bold = region.label in cfg.bold_labels
-        plan = _plan_box(image, region.bbox, region.text, lang, cfg, bold)
+        plan = _plan_box(image, region.bbox, region.text, lang, cfg, bold, pixels)
         if isinstance(plan, BoxRender) and plan.reason == RejectReason.TEXT_DOES_NOT_FIT:
             others = [r.bbox for j, r in enumerate(regions) if j != i]
-            grown = grow_box(image, region.bbox, others, cfg, rtl=rtl)
+            grown = grow_box(image, region.bbox, others, cfg, rtl=rtl, pixels=pixels)
             if grown != tuple(region.bbox):
-                retry = _plan_box(image, grown, region.text, lang, cfg, bold)
+                retry = _plan_box(image, grown, region.text, lang, cfg, bold, pixels)
                 if not isinstance(retry, BoxRender):
                     plan = retry
                     new_regions[i].bbox = grown

@@ -112,8 +112,9 @@ def ocr_images(
     with tempfile.TemporaryDirectory(prefix="m3dr-qa-") as tmp:
         paths = []
         for k, img in enumerate(images):
-            p = Path(tmp) / f"{k:06d}.png"
-            img.save(p)
+            # uncompressed PNM: tesseract (leptonica) reads the same pixels, no zlib on either side
+            p = Path(tmp) / f"{k:06d}.pnm"
+            img.save(p, format="PPM")
             paths.append(str(p))
         listing = Path(tmp) / "images.txt"
         listing.write_text("\n".join(paths) + "\n")

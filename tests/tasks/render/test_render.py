@@ -294,3 +294,34 @@ def test_pdf_text_layer_round_trips(iso: str) -> None:
     # the page image lies underneath: the figure is still there, the text boxes were erased
     shown = np.asarray(pdf[0].render(scale=96 / 72).to_pil().convert("RGB"), int)
     assert np.abs(shown[270, 100] - (200, 40, 40)).max() < 20
+
+
+_CJK_PDF = """
+import hashlib, sys
+import fontTools.ttLib.tables._h_e_a_d as head_table
+head_table.timestampNow = lambda: int(sys.argv[1])  # this process's "now" (seconds since 1904)
+from PIL import Image
+from tasks.render.config import RenderConfig
+from tasks.render.pdf import page_pdf
+from tasks.render.png import render_page
+from tasks.schema import Region
+image = Image.new("RGB", (600, 200), (255, 255, 255))
+regions = [Region("text", (20, 20, 580, 180), 0.9, "中文文本 北京 上海 一月 二月", True)]
+page = render_page(image, regions, "zh", RenderConfig())
+print(hashlib.sha256(page_pdf(image, page.regions, "zh", RenderConfig())).hexdigest())
+"""
+
+
+def test_cjk_pdf_bytes_do_not_depend_on_the_clock() -> None:
+    """Noto CJK faces are subset into the PDF; fontTools stamps a saved font with the current time unless
+    told not to, so the same page's PDF differed from one run (process) to the next."""
+    import subprocess
+    import sys
+
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", _CJK_PDF, str(stamp)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for stamp in (3_000_000_000, 3_900_000_000)
+    }
+    assert len(digests) == 1 and len(digests.pop()) == 64
