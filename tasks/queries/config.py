@@ -8,7 +8,7 @@ from pydantic import Field
 
 from tasks.config import StrictModel, engine_union
 from tasks.llm.client import EndpointConfig
-from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE
+from tasks.llm.images import DEFAULT_IMAGE_FORMAT, DEFAULT_MAX_IMAGE_SIDE, ImageFormat
 from tasks.queries.base import DEFAULT_KINDS
 
 
@@ -49,10 +49,14 @@ class VllmQueriesConfig(QueriesStage, EndpointConfig):
     top_p: float = 0.95
     max_tokens: int | None = None
     max_query_chars: int = 200
-    max_page_chars: int = 6000
-    vision: bool = False  # send the page image (base64 PNG) to a vision model
-    # longest side of the image sent (px): larger pages are downscaled by the client, aspect ratio kept
+    max_page_chars: int = Field(default=6000, ge=0)  # page text of a request without an image
+    # page text of a request that carries the page image (or a region crop): the image shows the page
+    max_page_chars_with_image: int = Field(default=1500, ge=0)
+    vision: bool = False  # send the page image (base64 data URL) to a vision model
+    # longest side of the image sent (px): the model's input size (Gemma-3: 896); larger images are
+    # downscaled by the client, aspect ratio kept
     max_image_side: int = Field(default=DEFAULT_MAX_IMAGE_SIDE, ge=1)
+    image_format: ImageFormat = DEFAULT_IMAGE_FORMAT  # jpeg (fixed quality) or png
     strip_page_instructions: bool = True
     bad_reply_retries: int = 1
     seed: int | None = None

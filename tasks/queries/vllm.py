@@ -9,9 +9,13 @@ invalid (400/413/422) and a reply that does not parse after ``bad_reply_retries`
 fault: a ``query_generation_failed`` rejects row.
 
 One chat request per page: the versioned prompt of ``assets/prompts/``, the page's region text inside a
-delimited data block, the page image for vision models (a base64 PNG data URL in an OpenAI
-``image_url`` part, downscaled first when its longest side exceeds ``max_image_side``, so the server
-never gets an image it rejects), and a JSON-schema ``response_format`` so the reply always parses.
+delimited data block, the page image for vision models (a base64 data URL in an OpenAI ``image_url``
+part, fitted to the model's input size ``max_image_side``, 896 px for Gemma-3, and encoded as
+``image_format``, JPEG by default: see ``tasks.llm.images``), and a JSON-schema ``response_format`` so
+the reply always parses. A request that carries an image carries at most ``max_page_chars_with_image``
+characters of page text (the image holds the page; the text anchors language and spelling), one without
+an image up to ``max_page_chars``. How many requests are in flight, per server, is the client's
+adaptive limit (``tasks.llm.client``).
 Kind ``composed`` (vision models only) is one more request per picked region: its crop
 (``tasks.queries.composed``) and the text near it, asking for one question about the crop in the
 page's language (prompt ``composed_v1``). URL and API key come from the config, an environment
@@ -32,7 +36,15 @@ from typing import Any
 from tasks import languages
 from tasks.config import check_config
 from tasks.llm.client import ChatEndpoint, RequestRejected, Session, gather_or_fail, run_sync
-from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE, FittedImage, ImageError, fit_png, image_url_part
+from tasks.llm.images import (
+    DEFAULT_IMAGE_FORMAT,
+    DEFAULT_MAX_IMAGE_SIDE,
+    FittedImage,
+    ImageError,
+    ImageFormat,
+    fit_image,
+    image_url_part,
+)
 from tasks.llm.prompts import Prompt, load_prompt
 from tasks.queries.base import STAGE, GeneratedQuery, QueryRequest
 from tasks.queries.composed import ComposedRegion, pick_composed
@@ -64,14 +76,16 @@ def _page_data(text: str, strip_page_instructions: bool, max_page_chars: int) ->
     return text.replace(Prompt.BEGIN, " ").replace(Prompt.END, " ")[:max_page_chars]
 
 
-def _chat(prompt: Prompt, fields: dict[str, Any], text: str, image_png: bytes | None) -> list[dict[str, Any]]:
+def _chat(
+    prompt: Prompt, fields: dict[str, Any], text: str, image: FittedImage | bytes | None
+) -> list[dict[str, Any]]:
     """System + user messages of a prompt; the page text fills ``{page_text}`` verbatim (never formatted),
-    the image (already fitted) goes first as an ``image_url`` part."""
+    the image (already fitted; raw bytes are PNG) goes first as an ``image_url`` part."""
     system = prompt.system.format(**fields, page_text="")
     user = prompt.user.replace("{page_text}", "\x00PAGE\x00").format(**fields).replace("\x00PAGE\x00", text)
     content: str | list[dict[str, Any]] = user
-    if image_png:
-        content = [image_url_part(image_png), {"type": "text", "text": user}]
+    if image:
+        content = [image_url_part(image), {"type": "text", "text": user}]
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
 
@@ -79,12 +93,12 @@ def render_messages(
     prompt: Prompt,
     req: QueryRequest,
     *,
-    image_png: bytes | None,
+    image_png: FittedImage | bytes | None,
     max_page_chars: int,
     strip_page_instructions: bool,
 ) -> list[dict[str, Any]]:
     """The chat messages for one request. Page text appears only inside the BEGIN/END data block;
-    ``image_png`` (already fitted, see ``fit_png``), when given, goes first as an ``image_url`` part."""
+    ``image_png`` (already fitted, see ``fit_image``), when given, goes first as an ``image_url`` part."""
     lang = languages.get(req.out_lang)
     text = _page_data(req.text, strip_page_instructions, max_page_chars)
     guide = "\n".join(f"- {req.n} × {k}: {prompt.kinds.get(k, k)}" for k in req.kinds)
@@ -107,7 +121,7 @@ def render_composed_messages(
     req: QueryRequest,
     region: ComposedRegion,
     *,
-    image_png: bytes | None,
+    image_png: FittedImage | bytes | None,
     max_page_chars: int,
     strip_page_instructions: bool,
 ) -> list[dict[str, Any]]:
@@ -176,8 +190,10 @@ class VllmQueryGenerator:
         max_tokens: int | None = None,
         max_query_chars: int = 200,
         max_page_chars: int = 6000,
+        max_page_chars_with_image: int = 1500,
         vision: bool = False,
         max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
+        image_format: ImageFormat = DEFAULT_IMAGE_FORMAT,
         strip_page_instructions: bool = True,
         bad_reply_retries: int = 1,
         seed: int | None = None,
@@ -194,7 +210,9 @@ class VllmQueryGenerator:
         self.max_tokens = max_tokens
         self.max_query_chars = max_query_chars
         self.max_page_chars = max_page_chars
+        self.max_page_chars_with_image = max_page_chars_with_image
         self.vision = vision
+        self.image_format: ImageFormat = image_format
         if int(max_image_side) < 1:
             raise ValueError(f"max_image_side must be >= 1, got {max_image_side}")
         self.max_image_side = int(max_image_side)
@@ -218,8 +236,10 @@ class VllmQueryGenerator:
             max_tokens=cfg.max_tokens,
             max_query_chars=cfg.max_query_chars,
             max_page_chars=cfg.max_page_chars,
+            max_page_chars_with_image=cfg.max_page_chars_with_image,
             vision=cfg.vision,
             max_image_side=cfg.max_image_side,
+            image_format=cfg.image_format,
             strip_page_instructions=cfg.strip_page_instructions,
             bad_reply_retries=cfg.bad_reply_retries,
             seed=cfg.seed,
@@ -232,16 +252,21 @@ class VllmQueryGenerator:
     def __repr__(self) -> str:  # never the key, never a URL that could carry credentials
         return (
             f"VllmQueryGenerator(model={self.model_id!r}, {self.endpoint.sources}, "
-            f"prompt={self.prompt_version!r}, concurrency={self.endpoint.concurrency})"
+            f"prompt={self.prompt_version!r}, max_concurrency={self.endpoint.concurrency})"
         )
 
     # -- request building (pure) --------------------------------------------------------------------
     def page_image(self, req: QueryRequest) -> FittedImage | None:
         """The page image this engine sends for ``req``: None for a text-only engine or page, else the
-        PNG fitted under ``max_image_side`` (aspect kept). Raises ``ImageError`` for undecodable bytes."""
+        image fitted under ``max_image_side`` (aspect kept) as ``image_format``. Raises ``ImageError`` for
+        undecodable bytes."""
         if not (self.vision and req.image_png):
             return None
-        return fit_png(req.image_png, self.max_image_side)
+        return fit_image(req.image_png, self.max_image_side, self.image_format)
+
+    def page_chars(self, with_image: bool) -> int:
+        """How much page text a request carries: less when the image shows the page."""
+        return min(self.max_page_chars, self.max_page_chars_with_image) if with_image else self.max_page_chars
 
     def request_body(
         self, req: QueryRequest, attempt: int = 0, *, image: FittedImage | bool | None = True
@@ -258,11 +283,12 @@ class VllmQueryGenerator:
         req = replace(req, kinds=tuple(k for k in req.kinds if k != COMPOSED_KIND))
         if image is True:
             image = self.page_image(req)
+        image = image if isinstance(image, FittedImage) else None
         messages = render_messages(
             self.prompt,
             req,
-            image_png=image.png if isinstance(image, FittedImage) else None,
-            max_page_chars=self.max_page_chars,
+            image_png=image,
+            max_page_chars=self.page_chars(image is not None),
             strip_page_instructions=self.strip_page_instructions,
         )
         return self._body(messages, req.kinds, req.n, "queries", (req.page_id, req.out_lang, attempt))
@@ -276,13 +302,13 @@ class VllmQueryGenerator:
     ) -> dict[str, Any]:
         """The ``/chat/completions`` body asking for one question about ``region``'s crop (``image``: the
         fitted crop; None: fit it now)."""
-        image = image or fit_png(region.png, self.max_image_side)
+        image = image or fit_image(region.png, self.max_image_side, self.image_format)
         messages = render_composed_messages(
             self.composed_prompt,
             replace(req, n=1),
             region,
-            image_png=image.png,
-            max_page_chars=self.max_page_chars,
+            image_png=image,
+            max_page_chars=self.page_chars(True),
             strip_page_instructions=self.strip_page_instructions,
         )
         return self._body(
@@ -317,9 +343,10 @@ class VllmQueryGenerator:
     def generate_with_rejects(
         self, requests: list[QueryRequest]
     ) -> tuple[list[GeneratedQuery], list[Reject]]:
-        """Run all requests (``concurrency`` in flight). A page's bad input (an undecodable image, a request
-        the server refuses, a reply that never parses) becomes a QUERY_GENERATION_FAILED reject; an
-        endpoint that cannot answer raises ``EndpointUnavailable`` (nothing is returned)."""
+        """Run all requests (the client's adaptive limit in flight per server). A page's bad input (an
+        undecodable image, a request the server refuses, a reply that never parses) becomes a
+        QUERY_GENERATION_FAILED reject; an endpoint that cannot answer raises ``EndpointUnavailable``
+        (nothing is returned)."""
         return run_sync(lambda: self.agenerate(requests))
 
     @property
@@ -334,8 +361,9 @@ class VllmQueryGenerator:
     async def agenerate(self, requests: list[QueryRequest]) -> tuple[list[GeneratedQuery], list[Reject]]:
         self.stats = EngineStats(requests=len(requests))
         t0 = time.perf_counter()
-        sem = asyncio.Semaphore(self.endpoint.concurrency)
         async with self.endpoint.session(self.stats) as chat:
+            # pages being worked on (image fitted, requests in flight or queued at the client's limiter)
+            sem = asyncio.Semaphore(chat.capacity)
             await chat.resolve()
             results = await gather_or_fail(self._one(chat, sem, r) for r in requests)
         queries = [q for qs, _ in results for q in qs]
@@ -429,7 +457,10 @@ class VllmQueryGenerator:
             ]
         try:
             regions = await asyncio.to_thread(self.composed_regions, req)
-            fitted = [await asyncio.to_thread(fit_png, r.png, self.max_image_side) for r in regions]
+            fitted = [
+                await asyncio.to_thread(fit_image, r.png, self.max_image_side, self.image_format)
+                for r in regions
+            ]
         except (ImageError, OSError, ValueError) as exc:
             return [], [self._reject(req, f"page image (composed): {type(exc).__name__}: {str(exc)[:80]}")]
         one = replace(req, kinds=(COMPOSED_KIND,), n=1)

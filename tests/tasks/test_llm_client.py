@@ -5,6 +5,7 @@ that answers from a script of statuses (503 twice then 200, 400, 401 …), so ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -52,6 +53,7 @@ class ScriptedServer(ThreadingHTTPServer):
     Serves in a thread while used as ``with ScriptedServer([...]) as server``."""
 
     daemon_threads = True
+    request_queue_size = 128  # many connections at once (the default backlog of 5 drops SYNs)
 
     def __init__(self, script: list[int], reply: dict | None = None, model: str = "served-model") -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -59,6 +61,9 @@ class ScriptedServer(ThreadingHTTPServer):
         self.hits = 0
         self.delay_s = 0.0
         self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0  # requests being answered now / at most at once
+        self.metrics_text: str | None = None  # Prometheus text at /metrics (None: 404, not vLLM)
+        self.retry_after: str | None = None  # Retry-After header of error answers
 
     @property
     def base_url(self) -> str:
@@ -83,8 +88,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.path == "/metrics":  # not part of the script; 404 unless it plays a vLLM server's gauges
+            text = self.server.metrics_text
+            self.send_response(404 if text is None else 200)
+            self.send_header("content-length", str(len((text or "").encode())))
+            self.end_headers()
+            self.wfile.write((text or "").encode())
+            return
         status = self.server.next_status()
-        time.sleep(self.server.delay_s)
+        with self.server.lock:
+            self.server.in_flight += 1
+            self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
+        try:
+            time.sleep(self.server.delay_s)
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
         if status != 200:
             body = {"error": {"message": f"refused {self.headers.get('authorization')}", "code": status}}
         elif self.path.endswith("/models"):
@@ -93,10 +112,13 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.server.reply
         data = json.dumps(body).encode()
         self.send_response(status)
+        if status != 200 and self.server.retry_after is not None:
+            self.send_header("retry-after", self.server.retry_after)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        with contextlib.suppress(OSError):  # the client gave up (its timeout): nothing to answer
+            self.wfile.write(data)
 
     do_GET = do_POST = _answer
 

@@ -245,7 +245,14 @@ def test_vllm_composed_body_sends_the_crop_and_its_caption():
     body = gen.composed_request_body(req, region)
     parts = body["messages"][1]["content"]
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
-    assert base64.b64decode(url.split(",", 1)[1]) == region.png  # the crop itself (fits 1536 px)
+    from tasks.llm.images import fit_image
+
+    assert url.startswith("data:image/jpeg;base64,")  # the crop itself, as JPEG (the default format)
+    assert base64.b64decode(url.split(",", 1)[1]) == fit_image(region.png, 896, "jpeg").data
+    png_body = _vllm(vision=True, image_format="png").composed_request_body(req, region)
+    png_part = next(p for p in png_body["messages"][1]["content"] if p["type"] == "image_url")
+    png_url = png_part["image_url"]["url"]
+    assert base64.b64decode(png_url.split(",", 1)[1]) == region.png  # PNG: the crop's own bytes (it fits)
     user = next(p["text"] for p in parts if p["type"] == "text")
     assert CAPTION in user and "figure" in user and "English" in user
     schema = body["response_format"]["json_schema"]["schema"]

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tasks.llm.client import ChatEndpoint
+from tasks.llm.images import fit_image
 from tasks.llm.prompts import Prompt, load_prompt
 from tasks.queries.base import GeneratedQuery, PageRef, PairedQuery, QueryGenerator, QueryRequest
 from tasks.queries.engines import build_query_generator
@@ -316,6 +317,25 @@ def test_request_puts_page_text_only_inside_the_data_block():
     )
 
 
+def test_page_text_is_trimmed_when_the_image_is_sent():
+    """With the page image: at most ``max_page_chars_with_image`` characters of page text; without an
+    image (text model, or a page with none): up to ``max_page_chars``."""
+    long_text = " ".join(f"word{i}" for i in range(2000))  # ~15k characters
+    req = QueryRequest("p1", "en", long_text, image_png=_png(), kinds=("factual",))
+
+    def sent(gen: VllmQueryGenerator, r: QueryRequest) -> str:
+        return _user_text(gen.request_body(r)["messages"][1]).split(Prompt.BEGIN)[1].split(Prompt.END)[0]
+
+    vision = _vllm(vision=True, max_page_chars=6000, max_page_chars_with_image=300)
+    assert sent(vision, req).strip() == long_text[:300].strip()
+    assert sent(_vllm(vision=False, max_page_chars=6000), req).strip() == long_text[:6000].strip()
+    no_image = QueryRequest("p2", "en", long_text, kinds=("factual",))
+    assert sent(vision, no_image).strip() == long_text[:6000].strip()
+    default = build_query_generator({"engine": "vllm", "base_url": "http://127.0.0.1:9/v1", "vision": True})
+    assert (default.max_page_chars, default.max_page_chars_with_image) == (6000, 1500)
+    assert len(sent(default, req).strip()) == 1500
+
+
 def test_request_schema_language_and_image():
     png = _png((10, 20, 30))
     req = QueryRequest(
@@ -329,7 +349,10 @@ def test_request_schema_language_and_image():
         assert arr["minItems"] == arr["maxItems"] == 3 and arr["items"]["maxLength"] == 120
     user = body["messages"][1]["content"]
     img = next(p for p in user if p["type"] == "image_url")["image_url"]["url"]
-    assert img.startswith("data:image/png;base64,") and base64.b64decode(img.split(",", 1)[1]) == png
+    assert img.startswith("data:image/jpeg;base64,")  # the default format: JPEG, fixed quality
+    assert base64.b64decode(img.split(",", 1)[1]) == fit_image(png, 896, "jpeg").data
+    as_png = _vllm(vision=True, image_format="png").request_body(req)["messages"][1]["content"][0]
+    assert base64.b64decode(as_png["image_url"]["url"].split(",", 1)[1]) == png  # fits: its own bytes
     assert "Hindi" in _user_text(body["messages"][1]) and "Hindi" in body["messages"][0]["content"]
     # text-only model: the text alone, no image part
     assert isinstance(_vllm().request_body(req)["messages"][1]["content"], str)

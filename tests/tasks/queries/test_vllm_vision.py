@@ -22,7 +22,14 @@ from PIL import Image
 
 from tasks.config import ProfileError
 from tasks.llm.client import ChatEndpoint
-from tasks.llm.images import DEFAULT_MAX_IMAGE_SIDE, ImageError, fit_png, fitted_size
+from tasks.llm.images import (
+    DEFAULT_MAX_IMAGE_SIDE,
+    JPEG_QUALITY,
+    ImageError,
+    fit_image,
+    fit_png,
+    fitted_size,
+)
 from tasks.queries.base import PageRef, PairedQuery, QueryRequest
 from tasks.queries.engines import build_query_generator
 from tasks.queries.filters import filter_queries
@@ -52,11 +59,11 @@ def _png(width: int, height: int, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-def _sent_image(body: dict) -> Image.Image:
-    """The image the request body carries (decoded from its base64 data URL)."""
+def _sent_image(body: dict, mime: str = "image/jpeg") -> Image.Image:
+    """The image the request body carries (decoded from its base64 data URL, of type ``mime``)."""
     parts = body["messages"][1]["content"]
     (url,) = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
-    assert url.startswith("data:image/png;base64,")
+    assert url.startswith(f"data:{mime};base64,")
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
 
 
@@ -94,21 +101,45 @@ def test_fit_png_downscales_only_oversized_images():
         fit_png(b"\x89PNG\r\n\x1a\nnot really a png", 1536)
 
 
+def test_fit_image_jpeg_is_deterministic_and_close_to_the_pixels():
+    """JPEG (the default): always re-encoded from a PNG page, fixed quality, so the same page gives the
+    same bytes; the pixels stay within a few levels of the fitted PNG's on a page-like image."""
+    page = _png(1191, 1684)
+    a, b = fit_image(page, 896), fit_image(page, 896)
+    assert a.format == "jpeg" and a.mime == "image/jpeg" and a.data == b.data and a.size == (634, 896)
+    assert a.data[:2] == b"\xff\xd8"  # sizes on real pages: benchmarks/vlm_images.py
+    with Image.open(io.BytesIO(a.data)) as img, Image.open(io.BytesIO(fit_png(page, 896).data)) as ref:
+        assert img.format == "JPEG" and img.size == ref.size
+        diff = max(
+            abs(x - y) for x, y in zip(img.getpixel((300, 100)), ref.getpixel((300, 100)), strict=True)
+        )
+        assert diff <= 4 and JPEG_QUALITY == 90
+    small_jpeg = fit_image(page, 300)
+    assert fit_image(small_jpeg.data, 300).data is small_jpeg.data  # a JPEG that fits: its own bytes
+    with pytest.raises(ValueError, match="format"):
+        fit_image(page, 896, "webp")  # type: ignore[arg-type]
+
+
 def _offline(**kw) -> VllmQueryGenerator:
     return VllmQueryGenerator(ChatEndpoint(base_url="http://127.0.0.1:9/v1", model="m"), **kw)
 
 
 def test_engine_sends_the_fitted_image_and_rejects_a_broken_one():
     req = QueryRequest("p1", "en", PAGE_TEXT, image_png=_png(1200, 600), kinds=("factual",))
-    assert _offline(vision=True).max_image_side == DEFAULT_MAX_IMAGE_SIDE == 1536
-    assert _sent_image(_offline(vision=True).request_body(req)).size == (1200, 600)  # fits the default
+    assert _offline(vision=True).max_image_side == DEFAULT_MAX_IMAGE_SIDE == 896  # Gemma-3's input
+    assert _sent_image(_offline(vision=True).request_body(req)).size == (896, 448)
     assert _sent_image(_offline(vision=True, max_image_side=300).request_body(req)).size == (300, 150)
+    png_gen = _offline(vision=True, image_format="png", max_image_side=1536)
+    assert _sent_image(png_gen.request_body(req), "image/png").size == (1200, 600)  # fits: unchanged
     assert isinstance(_offline(vision=False).request_body(req)["messages"][1]["content"], str)
     # the profile key reaches the engine; a bad value fails validation, naming the key
     cfg = {"engine": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "m", "vision": True}
     assert build_query_generator(cfg | {"max_image_side": 400}).max_image_side == 400
     with pytest.raises(ProfileError, match="max_image_side"):
         build_query_generator(cfg | {"max_image_side": 0})
+    assert build_query_generator(cfg | {"image_format": "png"}).image_format == "png"
+    with pytest.raises(ProfileError, match="image_format"):
+        build_query_generator(cfg | {"image_format": "gif"})
     # undecodable image bytes: a clean reject for that page, no HTTP call at all
     bad = QueryRequest("p2", "en", PAGE_TEXT, image_png=b"not an image", kinds=("factual",))
     gen = _offline(vision=True)
@@ -234,7 +265,7 @@ def test_server_tokenises_the_page_image(vision_cfg, vlm_server):
 
 
 def test_oversized_images_are_downscaled_and_accepted(vision_cfg, vlm_server):
-    """A 6000x300 strip and a 5000x5000 page go out at most 1536 px on a side (aspect kept); the server
+    """A 6000x300 strip and a 5000x5000 page go out at most 896 px on a side (aspect kept); the server
     takes both, tokenises each image, and the replies parse and meet the query filters cleanly."""
     per_image, _ = image_tokens_per_image(vlm_server.model_dir)
     reqs = [
@@ -242,7 +273,7 @@ def test_oversized_images_are_downscaled_and_accepted(vision_cfg, vlm_server):
         QueryRequest("huge", "en", PAGE_TEXT, image_png=_png(5000, 5000), kinds=("factual",)),
     ]
     gen = build_query_generator(vision_cfg)  # default max_image_side
-    assert [_sent_image(gen.request_body(r)).size for r in reqs] == [(1536, 77), (1536, 1536)]
+    assert [_sent_image(gen.request_body(r)).size for r in reqs] == [(896, 45), (896, 896)]
     assert [gen.page_image(r).original_size for r in reqs] == [(6000, 300), (5000, 5000)]
     text_only = _text_only_prompt_tokens(vision_cfg, reqs[0])  # same text, same prompt for both pages
     out, rejects = gen.generate_with_rejects(reqs)
@@ -275,7 +306,10 @@ def test_composed_query_sends_the_region_crop(vision_cfg, vlm_server):
     body = gen.composed_request_body(req, region)
     parts = body["messages"][1]["content"]
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
-    assert base64.b64decode(url.split(",", 1)[1]) == region.png  # the crop, not the page
+    sent = base64.b64decode(url.split(",", 1)[1])
+    assert sent == fit_image(region.png, gen.max_image_side).data  # the crop (as JPEG), not the page
+    with Image.open(io.BytesIO(sent)) as crop, Image.open(io.BytesIO(region.png)) as original:
+        assert crop.size == original.size == (576, 336)
     assert caption in next(p["text"] for p in parts if p["type"] == "text")
     headers = {"Authorization": f"Bearer {vlm_server.api_key}"}
 
