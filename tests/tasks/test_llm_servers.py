@@ -268,7 +268,8 @@ def test_real_vllm_two_routes_one_dies_mid_batch(vllm_server, monkeypatch):
         }  # fmt: skip
         gen = build_query_generator(cfg)
         reqs = [
-            QueryRequest(f"p{i}", "en", f"Page {i}: the railway carried {i} passengers.") for i in range(16)
+            QueryRequest(f"p{i}", "en", f"Page {i}: the railway carried {i} passengers.", kinds=("factual",))
+            for i in range(16)
         ]
         result: list = []
         worker = threading.Thread(target=lambda: result.append(gen.generate_with_rejects(reqs)))
