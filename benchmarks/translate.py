@@ -7,6 +7,15 @@ tokens (the forced language token included, padding excluded) of each engine.
     python benchmarks/translate.py                       # the tiny recipe (built if missing)
     python benchmarks/translate.py --model hf:facebook/nllb-200-distilled-600M
     python benchmarks/translate.py --config nllb-600m    # RANDOM weights, NLLB-200-distilled-600M shape
+    python benchmarks/translate.py --config nllb-600m --batching   # our engine's batching modes
+
+``--batching`` compares m3dr's own ``CT2NllbTranslator.translate_batch`` on a page-like mix of chunks
+(headings of a few words, one-sentence and three-sentence paragraphs) in three modes, side by side:
+calls of ``--batch-size`` sentences run one at a time (what the engine did before); calls cut by a
+padded-token budget (``batch_type = "tokens"``, ``max_batch_tokens``) one at a time; and token calls
+submitted asynchronously, several in flight over ``inter_threads`` replicas (the threads split between
+them). Outputs must be equal across the modes (the engine's batching guarantee); tokens/s counts the
+output tokens.
 """
 
 from __future__ import annotations
@@ -149,6 +158,75 @@ def bench_hf(hf_dir: Path, batches, tgt_id: int, pad_id: int, args) -> tuple[flo
     return time.perf_counter() - t0, n
 
 
+def page_like_chunks(n: int, seed: int = 0) -> list[str]:
+    """``n`` chunks like a page's regions: headings, one-sentence and three-sentence paragraphs."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.3:
+            out.append(" ".join(rng.choice(SENTENCES).split()[:3]))
+        elif kind < 0.7:
+            out.append(rng.choice(SENTENCES))
+        else:
+            out.append(" ".join(rng.sample(SENTENCES, 3)))
+    return out
+
+
+def bench_batching(ct2_dir: Path, args) -> dict:
+    """Sentence-count vs token batching vs asynchronous token batching of our engine, side by side."""
+    from tasks.languages import get
+    from tasks.translate.engine import CT2NllbTranslator
+
+    texts = page_like_chunks(args.sentences)
+    tgt = get(args.tgt).flores
+    common = dict(max_decoding_length=args.max_length, compute_type="int8")
+    modes = {
+        f"sentences x{args.batch_size}, sync": dict(
+            batch_type="examples",
+            max_batch_size=args.batch_size,
+            max_in_flight=1,
+            intra_threads=args.threads,
+        ),
+        f"tokens <= {args.max_batch_tokens}, sync": dict(
+            batch_type="tokens",
+            max_batch_size=256,
+            max_batch_tokens=args.max_batch_tokens,
+            max_in_flight=1,
+            intra_threads=args.threads,
+        ),
+        f"tokens <= {args.max_batch_tokens}, async x{args.threads}": dict(
+            batch_type="tokens",
+            max_batch_size=256,
+            max_batch_tokens=args.max_batch_tokens,
+            inter_threads=args.threads,
+            intra_threads=1,
+        ),
+    }
+    results, outputs = {}, {}
+    for name, kw in modes.items():
+        tr = CT2NllbTranslator(ct2_dir, **common, **kw)
+        tr.translate_batch(texts[:8], "eng_Latn", tgt)  # warm-up
+        best = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            outputs[name] = tr.translate_batch(texts, "eng_Latn", tgt)
+            best = min(best, time.perf_counter() - t0)
+        n_out = sum(tr.count_tokens(outputs[name])) + len(texts)
+        results[name] = {"seconds": best, "tokens": n_out, "tokens_per_s": n_out / best}
+    same = len({tuple(o) for o in outputs.values()}) == 1
+    base = next(iter(results.values()))["tokens_per_s"]
+    print(f"{len(texts)} page-like chunks, {args.threads} threads, target {tgt}; outputs equal: {same}")
+    print(f"{'mode':<34}{'seconds':>9}{'tokens/s':>11}{'x':>7}")
+    for name, r in results.items():
+        print(f"{name:<34}{r['seconds']:>9.2f}{r['tokens_per_s']:>11.1f}{r['tokens_per_s'] / base:>7.2f}")
+    if not same:
+        raise SystemExit("outputs differ between batching modes: the batching guarantee is broken")
+    return {"modes": results, "outputs_equal": same}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="recipe:nllb-tiny", help="model source (recipe:, hf:, path)")
@@ -162,7 +240,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tgt", default="hi", help="target ISO code")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--batching", action="store_true", help="compare our engine's batching modes")
+    ap.add_argument("--max-batch-tokens", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.batching:
+        _, ct2_dir = locate(args)
+        figures = bench_batching(ct2_dir, args)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return
 
     import torch
     from transformers import AutoTokenizer

@@ -420,10 +420,16 @@ def image_bytes(cell: Any) -> bytes | None:
     return cell.get("bytes") if isinstance(cell, dict) else None
 
 
+PNG_COMPRESS_LEVEL = 3  # see encode_png
+
+
 def encode_png(image: Any) -> bytes:
-    """A PIL image as the PNG bytes of the ``image`` column (fixed options: same pixels ⇒ same bytes)."""
+    """A PIL image as the PNG bytes of the ``image`` column (fixed options: same pixels ⇒ same bytes).
+
+    zlib level 3, chosen by ``benchmarks/png_level.py`` on rasterised document pages: 0.89× the bytes of
+    Pillow's default level 6 in 0.42× its time (level 1: 0.92×, 0.40×; level 9: 0.98×, 2.7×)."""
     import io
 
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=False, compress_level=6)
+    image.save(buf, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()

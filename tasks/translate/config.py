@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from tasks.config import StrictModel, check_config
 from tasks.render.config import RenderConfig
@@ -17,11 +17,17 @@ class Ct2TranslateConfig(StrictModel):
 
     engine: Literal["ctranslate2"] = "ctranslate2"
     model: str  # recipe:, hf: or a path; a transformers checkpoint is converted once
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda (GPUs of device_index) or cuda:N
+    # GPUs the translator may use: an int, a list, or none (every visible GPU). A Dask worker of rank r
+    # takes the r-th of them (tasks.devices); a lone process keeps one replica on each.
+    device_index: int | list[int] | None = None
     compute_type: str = "auto"  # auto: int8_float16 on GPU, int8 on CPU
     quantization: str | None = None  # of the one-off conversion (default follows the device)
     beam_size: int = 1
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # sources per CTranslate2 call
+    batch_type: Literal["examples", "tokens"] = "tokens"  # tokens: also cap padded tokens per call
+    max_batch_tokens: int = Field(default=4096, ge=1)  # padded source tokens per call (batch_type tokens)
+    max_in_flight: int = Field(default=0, ge=0)  # asynchronous calls queued; 0: 2 per replica
     inter_threads: int = 1
     intra_threads: int = 0
     max_decoding_length: int = 256

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -61,6 +62,10 @@ class CT2NllbTranslator:
         max_decoding_length: int = 256,
         no_repeat_ngram_size: int = 0,
         max_length_ratio: float = 3.0,
+        device_index: int | Sequence[int] = 0,
+        batch_type: str = "tokens",
+        max_batch_tokens: int = 4096,
+        max_in_flight: int = 0,
     ) -> None:
         import ctranslate2
         from transformers import AutoTokenizer
@@ -75,9 +80,17 @@ class CT2NllbTranslator:
         self.max_decoding_length = max_decoding_length
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.max_length_ratio = max_length_ratio
+        if batch_type not in ("examples", "tokens"):
+            raise ValueError(f"batch_type must be 'examples' or 'tokens', got {batch_type!r}")
+        self.batch_type, self.max_batch_tokens = batch_type, max_batch_tokens
+        self.device_index = [device_index] if isinstance(device_index, int) else list(device_index)
+        # batches in flight: enough to keep every replica (one per GPU and inter thread) busy while
+        # this thread prepares and collects the others; bounded so a shard's inputs are not all queued
+        self.max_in_flight = max_in_flight or 2 * inter_threads * len(self.device_index)
         self._ct2 = ctranslate2.Translator(
             str(self.model_dir),
             device=device,
+            device_index=self.device_index,
             compute_type=self.compute_type,
             inter_threads=inter_threads,
             intra_threads=intra_threads,
@@ -94,15 +107,19 @@ class CT2NllbTranslator:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> CT2NllbTranslator:
         """Build from a profile's ``[translate]`` table (converting a transformers checkpoint once)."""
+        from tasks.devices import place, worker_rank
         from tasks.translate.config import Ct2TranslateConfig
 
         cfg = check_config("translate", cfg, Ct2TranslateConfig)  # normalised: every key, defaults once
         device = cfg["device"]
+        visible = None
         if device.startswith("cuda"):
             import ctranslate2
 
-            if ctranslate2.get_cuda_device_count() == 0:
+            visible = ctranslate2.get_cuda_device_count()
+            if visible == 0:
                 raise RuntimeError("translate.device is cuda but CTranslate2 sees no CUDA device")
+        where = place(device, cfg["device_index"], visible=visible, rank=worker_rank())
         quant = cfg["quantization"] or ("int8_float16" if device.startswith("cuda") else "int8")
         model_dir = ensure_ct2_model(cfg["model"], quantization=quant)
         keys = (
@@ -114,8 +131,16 @@ class CT2NllbTranslator:
             "max_decoding_length",
             "no_repeat_ngram_size",
             "max_length_ratio",
+            "batch_type",
+            "max_batch_tokens",
+            "max_in_flight",
         )
-        return cls(model_dir, device=device, **{k: cfg[k] for k in keys})
+        return cls(
+            model_dir,
+            device=where.device,
+            device_index=list(where.indices),
+            **{k: cfg[k] for k in keys},
+        )
 
     # tokenisation ---------------------------------------------------------------------------------
 
@@ -150,6 +175,29 @@ class CT2NllbTranslator:
         between batches of 3 and 8 on the tiny NLLB)."""
         return min(self.max_decoding_length, int(self.max_length_ratio * n_source_tokens) + 8)
 
+    def _submit(self, batch: list[list[str]], tgt_flores: str, asynchronous: bool) -> list[Any]:
+        """One CTranslate2 call on pre-tokenised sources (results, or their futures when asynchronous)."""
+        caps = [self.decoding_cap(len(t)) for t in batch]
+        self.batches_run += 1
+        return self._ct2.translate_batch(
+            batch,
+            target_prefix=[[tgt_flores]] * len(batch),
+            beam_size=self.beam_size,
+            max_batch_size=0,  # the batch is already cut by batch_plan
+            max_decoding_length=max(caps),
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            return_scores=False,
+            asynchronous=asynchronous,
+        )
+
+    def _hypotheses(self, batch: list[list[str]], results: list[Any]) -> list[list[str]]:
+        """Each source's best hypothesis cut at its own decoding cap (waits on futures)."""
+        out = []
+        for src, r in zip(batch, results, strict=True):
+            hyp = (r.result() if hasattr(r, "result") else r).hypotheses[0]
+            out.append(hyp[: self.decoding_cap(len(src))])
+        return out
+
     def translate_tokens(self, batch: list[list[str]], tgt_flores: str) -> list[list[str]]:
         """One CTranslate2 call on pre-tokenised sources; returns hypotheses with the prefix kept.
 
@@ -157,22 +205,13 @@ class CT2NllbTranslator:
         :meth:`decoding_cap`: exactly the tokens it would produce alone (greedy steps never look
         ahead). Beam search is not prefix-stable, so :meth:`translate_batch` only gives it batches of
         one cap."""
-        caps = [self.decoding_cap(len(t)) for t in batch]
-        results = self._ct2.translate_batch(
-            batch,
-            target_prefix=[[tgt_flores]] * len(batch),
-            beam_size=self.beam_size,
-            max_batch_size=self.max_batch_size,
-            max_decoding_length=max(caps),
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-            return_scores=False,
-        )
-        self.batches_run += 1
-        return [r.hypotheses[0][:cap] for r, cap in zip(results, caps, strict=True)]
+        return self._hypotheses(batch, self._submit(batch, tgt_flores, asynchronous=False))
 
     def batch_plan(self, tokens: list[list[str]]) -> list[list[int]]:
         """Indices of each CTranslate2 call: sorted by source length (little padding), at most
-        ``max_batch_size`` per call; with beam search also one decoding cap per call."""
+        ``max_batch_size`` per call and, with ``batch_type = "tokens"``, at most ``max_batch_tokens``
+        padded source tokens (a call's longest source × its size; a longer source goes alone); with
+        beam search also one decoding cap per call."""
         order = sorted(range(len(tokens)), key=lambda i: (len(tokens[i]), i))
         plan: list[list[int]] = []
         for i in order:
@@ -181,7 +220,10 @@ class CT2NllbTranslator:
                 self.beam_size == 1
                 or self.decoding_cap(len(tokens[cur[0]])) == self.decoding_cap(len(tokens[i]))
             )
-            if cur is not None and len(cur) < self.max_batch_size and same_cap:
+            fits = cur is not None and len(cur) < self.max_batch_size
+            if fits and self.batch_type == "tokens":  # sorted: source i is the longest so far
+                fits = len(tokens[i]) * (len(cur) + 1) <= self.max_batch_tokens
+            if fits and same_cap:
                 cur.append(i)
             else:
                 plan.append([i])
@@ -190,18 +232,31 @@ class CT2NllbTranslator:
     def translate_batch(self, texts: list[str], src_flores: str, tgt_flores: str) -> list[str]:
         """Translate texts (already sentence-chunked) from one FLORES language to another.
 
+        Calls are submitted asynchronously, up to ``max_in_flight`` at once, so several replicas (GPUs
+        of ``device_index``, ``inter_threads``) decode while this thread tokenises and detokenises.
+
         Guarantee (tested): a text's translation depends on the text, the model and the decoding
-        options only — not on the other texts of the call, their order, ``max_batch_size`` or the
-        thread count. (int8 scores of a padded batch differ from unpadded ones in their last bits;
-        on 4,485 padded pairs that never changed a token.)"""
+        options only — not on the other texts of the call, their order, the batching or the thread
+        count. (int8 scores of a padded batch differ from unpadded ones in their last bits; on 4,485
+        padded pairs that never changed a token.)"""
         if not texts:
             return []
         tokens = self.tokenize_source(texts, src_flores)
         out: list[str] = [""] * len(texts)
-        for idx in self.batch_plan(tokens):
-            hyps = self.translate_tokens([tokens[i] for i in idx], tgt_flores)
+        pending: deque[tuple[list[int], list[Any]]] = deque()
+
+        def collect() -> None:
+            idx, futures = pending.popleft()
+            hyps = self._hypotheses([tokens[i] for i in idx], futures)
             for i, hyp in zip(idx, hyps, strict=True):
                 out[i] = self.detokenize(hyp, tgt_flores)
+
+        for idx in self.batch_plan(tokens):
+            pending.append((idx, self._submit([tokens[i] for i in idx], tgt_flores, asynchronous=True)))
+            if len(pending) >= self.max_in_flight:
+                collect()
+        while pending:
+            collect()
         return out
 
 

@@ -252,8 +252,13 @@ def test_translation_does_not_depend_on_the_batch(tiny_nllb_root: Path, translat
     ct2_dir = tiny_nllb_root / "nllb-tiny" / "ct2"
     alone = CT2NllbTranslator(ct2_dir, intra_threads=1, no_repeat_ngram_size=3, max_batch_size=1)
     others = [
-        CT2NllbTranslator(ct2_dir, intra_threads=threads, no_repeat_ngram_size=3, max_batch_size=size)
-        for threads, size in ((1, 3), (2, 8), (2, 32))
+        CT2NllbTranslator(ct2_dir, intra_threads=threads, no_repeat_ngram_size=3, max_batch_size=size, **kw)
+        for threads, size, kw in (
+            (1, 3, {"batch_type": "examples"}),
+            (2, 8, {"batch_type": "examples", "max_in_flight": 1}),  # one call at a time
+            (2, 32, {"batch_type": "tokens", "max_batch_tokens": 48}),  # token budget cuts the calls
+            (1, 32, {"inter_threads": 2, "max_in_flight": 8}),  # several calls decoding at once
+        )
     ]
     assert {t.model_id for t in others} == {translator.model_id, alone.model_id}
     shuffled = list(reversed(SENTENCES))
@@ -268,6 +273,22 @@ def test_translation_does_not_depend_on_the_batch(tiny_nllb_root: Path, translat
         assert translate_texts(others[0], SENTENCES, "en", tgt) == translate_texts(
             translator, SENTENCES, "en", tgt
         )
+
+
+def test_token_batches_bound_padded_tokens(tiny_nllb_root: Path) -> None:
+    """batch_type tokens: a call holds at most max_batch_tokens padded source tokens (its longest source
+    times its size) and at most max_batch_size sources; a longer source goes alone; every source once."""
+    ct2_dir = tiny_nllb_root / "nllb-tiny" / "ct2"
+    tr = CT2NllbTranslator(ct2_dir, max_batch_size=6, batch_type="tokens", max_batch_tokens=64)
+    tokens = tr.tokenize_source(SENTENCES * 3 + ["word " * 80], "eng_Latn")
+    plan = tr.batch_plan(tokens)
+    assert sorted(i for call in plan for i in call) == list(range(len(tokens)))
+    for call in plan:
+        longest = max(len(tokens[i]) for i in call)
+        assert len(call) <= 6 and (len(call) == 1 or longest * len(call) <= 64), call
+    assert [len(tokens) - 1] in plan  # 80 words alone
+    by_examples = CT2NllbTranslator(ct2_dir, max_batch_size=6, batch_type="examples").batch_plan(tokens)
+    assert len(plan) > len(by_examples)  # the token budget, not the count, cut these calls
 
 
 def test_decoding_cap_is_per_chunk(translator) -> None:
