@@ -34,6 +34,9 @@ class RapidLayoutConfig(StrictModel):
     model_type: str = "pp_layout_cdla"
     conf: float = 0.5
     iou: float = 0.5
+    # Pages per detector call from the ingest driver. The bundled ONNX graph takes one page per run, so
+    # this engine loops; the key exists so one [layout] table shape serves both engines.
+    batch_size: int = Field(1, ge=1)
 
 
 class DocLayoutYoloConfig(StrictModel):
@@ -43,7 +46,15 @@ class DocLayoutYoloConfig(StrictModel):
     model: str | None = None
     imgsz: int = 1024
     conf: float = 0.2
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda" (GPU picked per worker, see device_index) or "cuda:N"
+    # With device "cuda": the GPU(s) this machine's workers use, an int or a list spread over the
+    # workers by rank (tasks.ingest.layout.pick_device); None: all visible GPUs by rank.
+    device_index: int | list[int] | None = None
+    half: bool = True  # fp16 on CUDA; CPU always runs fp32
+    # Pages per detector call from the ingest driver. On CUDA same-size pages share a model call (each
+    # keeps its own letterbox); on CPU each page still gets its own call (a batch is no faster there and
+    # would change the rounding), so the output is identical to batch_size 1.
+    batch_size: int = Field(1, ge=1)
     max_det: int = 300
     threads: int | None = None
     # The checkpoint is a pickle (loading runs code): its sha256, checked before loading (see
@@ -55,6 +66,18 @@ class DocLayoutYoloConfig(StrictModel):
     def _needs_model(self) -> DocLayoutYoloConfig:
         if not self.model:
             raise ValueError("layout engine 'doclayout-yolo' needs `model` (recipe:, hf: or a path)")
+        return self
+
+    @model_validator(mode="after")
+    def _device_index(self) -> DocLayoutYoloConfig:
+        idx = self.device_index
+        if idx is None:
+            return self
+        if self.device.strip().lower() != "cuda":
+            raise ValueError(f"device_index needs device = 'cuda' (got device = {self.device!r})")
+        indices = [idx] if isinstance(idx, int) else idx
+        if not indices or any(i < 0 for i in indices):
+            raise ValueError(f"device_index must be a GPU number or a non-empty list of them, got {idx!r}")
         return self
 
 

@@ -240,11 +240,88 @@ def postprocess(regions: Sequence[Region], page_width: float) -> list[Region]:
 # ---------------------------------------------------------------------------- detectors
 @runtime_checkable
 class LayoutDetector(Protocol):
-    """A layout backend: ``detect`` returns Regions (pixels of the given image) in reading order."""
+    """A layout backend: ``detect`` returns Regions (pixels of the given image) in reading order;
+    ``detect_batch`` does the same for several pages in as few model calls as the backend allows, with
+    the same result per page as ``detect`` (on CPU, exactly). ``batch_size`` is the number of pages the
+    ingest driver hands it per call."""
 
     model_id: str
+    batch_size: int
 
     def detect(self, image: Image.Image) -> list[Region]: ...
+
+    def detect_batch(self, images: Sequence[Image.Image]) -> list[list[Region]]: ...
+
+
+# ---------------------------------------------------------------------------- device placement
+def pick_device(
+    device: str,
+    device_index: int | Sequence[int] | None,
+    worker_rank: int | None,
+    *,
+    device_count: int | None = None,
+) -> str:
+    """The torch device string one worker's model goes on, e.g. ``"cuda:1"``.
+
+    ``device`` is the profile's (``cpu``, ``cuda``, or an explicit ``cuda:N``). With ``device = "cuda"``:
+    ``device_index`` an int pins every worker to that GPU; a list spreads workers over those GPUs
+    round-robin by ``worker_rank`` (rank ``r`` gets ``device_index[r % len]``; no rank: the first);
+    None spreads them over all ``device_count`` visible GPUs (asked of torch when not given) by rank,
+    GPU 0 without a rank. So several Dask workers on one multi-GPU machine do not all load onto GPU 0.
+    A ``device_index`` with a CPU device or with an explicit ``cuda:N`` is a configuration error.
+    """
+    dev = str(device).strip().lower()
+    kind, _, explicit = dev.partition(":")
+    if kind != "cuda":
+        if device_index is not None:
+            raise ValueError(f"device_index {device_index!r} needs device 'cuda', not {device!r}")
+        return dev
+    if explicit:
+        if device_index is not None:
+            raise ValueError(f"device {device!r} names its GPU already; drop device_index {device_index!r}")
+        if not explicit.isdigit():
+            raise ValueError(f"bad CUDA device {device!r}")
+        return f"cuda:{int(explicit)}"
+    if worker_rank is not None and worker_rank < 0:
+        raise ValueError(f"worker_rank must be >= 0, got {worker_rank}")
+    rank = worker_rank or 0
+    if isinstance(device_index, int):
+        indices: list[int] = [device_index]
+    elif device_index is not None:
+        indices = [int(i) for i in device_index]
+        if not indices:
+            raise ValueError("device_index is an empty list")
+    else:
+        if worker_rank is None:
+            return "cuda:0"
+        if device_count is None:
+            import torch
+
+            device_count = torch.cuda.device_count()
+        if device_count < 1:
+            raise ValueError("device 'cuda' asked for, but no CUDA device is visible")
+        indices = list(range(device_count))
+    if any(i < 0 for i in indices):
+        raise ValueError(f"device_index must be >= 0, got {device_index!r}")
+    return f"cuda:{indices[rank % len(indices)]}"
+
+
+def worker_rank() -> int | None:
+    """This process's rank among one machine's workers: ``LOCAL_RANK`` (torchrun and most launchers), else
+    the name of the Dask worker running this code when it is an integer (a ``LocalCluster`` names its
+    workers 0, 1, …); None outside such a worker."""
+    import os
+
+    rank = os.environ.get("LOCAL_RANK", "")
+    if rank.isdigit():
+        return int(rank)
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # no distributed, or not inside a Dask worker
+        return None
+    return int(name) if isinstance(name, int) or (isinstance(name, str) and name.isdigit()) else None
 
 
 def _quiet_rapid_layout() -> None:
@@ -297,6 +374,20 @@ class DocLayoutYoloDetector:
     wrapper (its ``utils/patches.py``).
     ``threads`` (optional) sets torch's intra-op thread count, which is process-wide: on a CPU shared
     with other jobs, 1 thread was 2–8× faster than 2 competing ones here.
+
+    Batches (:meth:`detect_batch`): on CUDA, pages go through the model up to ``batch_size`` at a time,
+    grouped by image size, so each page gets exactly the letterbox it gets alone (doclayout_yolo pads a
+    lone page, or a batch of same-size pages, only up to a multiple of the stride; a mixed-size batch would
+    be padded to the full ``imgsz`` square instead, which moves the boxes). On CPU every page gets its own
+    model call, whatever ``batch_size`` says: oneDNN picks other convolution kernels for a batch, whose
+    rounding moves boxes by ~1e-4 px (so shards would depend on the batch size), and a batch is no faster
+    there (0.8–1.0× one page per call, 1 thread; ``benchmarks/layout_batch.py``).
+    So on CPU the output is bit-identical to one page per call (``tests/tasks/ingest/test_layout_batch.py``).
+    ``device`` + ``device_index`` place the model (:func:`pick_device`, by this process's
+    :func:`worker_rank`); it is handed to doclayout_yolo as a ``torch.device``, because its
+    ``select_device`` given a string rewrites ``CUDA_VISIBLE_DEVICES`` process-wide (``"cpu"`` hides every
+    GPU from later CUDA users in the process, ``"cuda:1"`` renumbers them). ``half``: fp16 weights and
+    activations on CUDA (fp32 on CPU whatever it says).
     """
 
     def __init__(
@@ -306,6 +397,9 @@ class DocLayoutYoloDetector:
         imgsz: int = 1024,
         conf: float = 0.2,
         device: str = "cpu",
+        device_index: int | Sequence[int] | None = None,
+        half: bool = True,
+        batch_size: int = 1,
         max_det: int = 300,
         threads: int | None = None,
         sha256: str | None = None,
@@ -318,40 +412,69 @@ class DocLayoutYoloDetector:
         verify_pickle(
             self.weights, source=source or str(weights), sha256=sha256, trust_unpinned=trust_unpinned
         )
+        import torch
         from doclayout_yolo import YOLOv10
 
         self.imgsz = int(imgsz)
         self.conf = float(conf)
-        self.device = device
+        rank = worker_rank() if str(device).strip().lower() == "cuda" else None  # only "cuda" spreads
+        self.device = pick_device(device, device_index, rank)
+        self.half = bool(half) and self.device.startswith("cuda")  # fp16 on CUDA only
+        self.batch_size = max(1, int(batch_size))
         self.max_det = int(max_det)
         if threads:
-            import torch
-
             torch.set_num_threads(int(threads))  # process-wide; on a shared CPU 1 beats oversubscription
         self.model = YOLOv10(str(self.weights))
         self.names: dict[int, str] = dict(self.model.names)
         check_label_map(self.names.values(), DOCSTRUCTBENCH_LABELS, "doclayout-yolo")
         self.model_id = f"doclayout-yolo:{self.weights.name}:{fingerprint(self.weights)}"
+        # doclayout_yolo's Model.predict builds its predictor lazily and rewrites the predictor's args on
+        # every call outside the predictor's own lock: two threads sharing this (per-process) detector
+        # would race on both. One model on one device gains nothing from concurrent calls anyway; the
+        # lock is taken once per batch, not per page.
         self._lock = threading.Lock()
+        self._torch_device = torch.device(self.device)
+        # pages per model call: batch_size on CUDA; 1 on CPU (see the class docstring)
+        self.stack = self.batch_size if self._torch_device.type == "cuda" else 1
 
     def detect(self, image: Image.Image) -> list[Region]:
-        rgb = image.convert("RGB")
-        with self._lock:  # the ultralytics predictor object is stateful
-            results = self.model.predict(
-                rgb,
+        return self.detect_batch([image])[0]
+
+    def detect_batch(self, images: Sequence[Image.Image]) -> list[list[Region]]:
+        """Regions of each page, in input order: on CUDA same-size pages share model calls (at most
+        ``batch_size`` each); on CPU one call per page."""
+        rgbs = [im.convert("RGB") for im in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(rgbs):
+            groups.setdefault(im.size, []).append(i)
+        out: list[list[Region]] = [[] for _ in rgbs]
+        for members in groups.values():
+            for start in range(0, len(members), self.stack):
+                chunk = members[start : start + self.stack]
+                for i, res in zip(chunk, self._predict([rgbs[i] for i in chunk]), strict=True):
+                    out[i] = self._regions(res, rgbs[i])
+        return out
+
+    def _predict(self, rgbs: list[Image.Image]) -> list[Any]:
+        """One model call over same-size pages (doclayout_yolo letterboxes each as it would alone)."""
+        with self._lock:
+            return self.model.predict(
+                rgbs,
                 imgsz=self.imgsz,
                 conf=self.conf,
-                device=self.device,
+                device=self._torch_device,
+                half=self.half,
                 max_det=self.max_det,
                 verbose=False,
             )
-        res = results[0]
+
+    def _regions(self, res: Any, rgb: Image.Image) -> list[Region]:
         names = res.names or self.names
         boxes = res.boxes
         if boxes is None or len(boxes) == 0:
             return []
-        xyxy = boxes.xyxy.cpu().numpy()
-        conf = boxes.conf.cpu().numpy()
+        xyxy = boxes.xyxy.float().cpu().numpy()
+        conf = boxes.conf.float().cpu().numpy()
         cls = boxes.cls.cpu().numpy().astype(int)
         regions = boxes_to_regions(
             xyxy, conf, [names[int(c)] for c in cls], DOCSTRUCTBENCH_LABELS, rgb.width, rgb.height
@@ -386,6 +509,7 @@ class RapidLayoutDetector:
         *,
         conf: float = 0.5,
         iou: float = 0.5,
+        batch_size: int = 1,
         model_path: Path | str | None = None,
     ) -> None:
         _quiet_rapid_layout()
@@ -404,7 +528,14 @@ class RapidLayoutDetector:
         self.class_names = list(self.engine.session.characters)
         check_label_map(self.class_names, self.table, f"rapid-layout/{model_type}")
         self.model_id = f"rapid-layout:{model_type}:{fingerprint(path)}"
+        self.batch_size = max(1, int(batch_size))
+        # ONNX Runtime's run() is thread-safe, but a run already uses every core: concurrent pages from
+        # the threads sharing this per-process detector would only oversubscribe the CPU.
         self._lock = threading.Lock()
+
+    def detect_batch(self, images: Sequence[Image.Image]) -> list[list[Region]]:
+        """One page per model call: the bundled PP-Layout ONNX graph has a fixed batch dimension of 1."""
+        return [self.detect(im) for im in images]
 
     def detect(self, image: Image.Image) -> list[Region]:
         rgb = image.convert("RGB")
@@ -429,7 +560,11 @@ def _build_doclayout_yolo(cfg: Mapping[str, Any]) -> LayoutDetector:
 
     if not cfg.get("model"):
         raise ValueError("layout engine 'doclayout-yolo' needs `model` (recipe:, hf: or a path)")
-    opts = _options(cfg, {"imgsz", "conf", "device", "max_det", "threads", "sha256", "trust_unpinned"})
+    opts = _options(
+        cfg,
+        {"imgsz", "conf", "device", "device_index", "half", "batch_size", "max_det", "threads"}
+        | {"sha256", "trust_unpinned"},
+    )
     source = str(cfg["model"])
     return DocLayoutYoloDetector(resolve_source(source), source=source, **opts)
 
@@ -437,7 +572,7 @@ def _build_doclayout_yolo(cfg: Mapping[str, Any]) -> LayoutDetector:
 def _build_rapid_layout(cfg: Mapping[str, Any]) -> LayoutDetector:
     from tasks.models import resolve_source
 
-    opts = _options(cfg, {"model_type", "conf", "iou"})
+    opts = _options(cfg, {"model_type", "conf", "iou", "batch_size"})
     model_path = resolve_source(str(cfg["model"])) if cfg.get("model") else None
     if model_path is not None and model_path.is_dir():
         onnx = sorted(model_path.glob("*.onnx"))

@@ -27,13 +27,27 @@ def ingest_config(profile: Any) -> IngestStageConfig:
 # Layout keys that decide whether a checkpoint may load, not what it computes (the model fingerprint
 # covers the weights): pinning a checkpoint must not invalidate shards made with it.
 TRUST_KEYS = ("sha256", "trust_unpinned")
+# Layout keys that decide where and how fast, not what: which of the machine's GPUs (always), and on CPU
+# the pages per driver call (each page still gets its own model call there: bit-identical output,
+# tests/tasks/ingest/test_layout_batch.py) and ``half`` (CPU runs fp32 whatever it says). On CUDA,
+# batch_size and half stay in the hash: fp16, and kernels chosen by batch shape, move boxes.
+PLACEMENT_KEYS = ("device_index",)
+CPU_SPEED_KEYS = ("batch_size", "half")
+
+
+def layout_hash_view(layout: dict[str, Any]) -> dict[str, Any]:
+    """The part of a normalised ``[layout]`` table that decides the regions it detects."""
+    drop = set(TRUST_KEYS) | set(PLACEMENT_KEYS)
+    if not str(layout.get("device", "cpu")).strip().lower().startswith("cuda"):
+        drop |= set(CPU_SPEED_KEYS)
+    return {k: v for k, v in layout.items() if k not in drop}
 
 
 def ingest_base_hash(profile: Any, layout_fp: str) -> str:
     """Hash of everything but the sources that decides an English shard (normalised config + layout
     model)."""
     cfg = plain(ingest_config(profile))
-    cfg["layout"] = {k: v for k, v in cfg["layout"].items() if k not in TRUST_KEYS}
+    cfg["layout"] = layout_hash_view(cfg["layout"])
     return config_hash({"cfg": cfg, "models": {"layout": layout_fp}})
 
 

