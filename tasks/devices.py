@@ -7,8 +7,9 @@ none: all visible GPUs); :func:`place` gives a worker of rank ``r`` the ``r``-th
 and a process that is not one of several workers (the thread runner, a script) all of them: CTranslate2
 then keeps one model replica per GPU and spreads its batches across them.
 
-The rank is ``M3DR_WORKER_RANK`` when set (a launcher that starts one process per GPU sets it), else the
-Dask worker's name when it is an integer (``LocalCluster`` names its workers 0 … n-1), else none.
+The rank is ``M3DR_WORKER_RANK`` when set (a launcher that starts one process per GPU sets it), else
+``LOCAL_RANK`` (torchrun's), else the Dask worker's name when it is an integer (``LocalCluster`` names its
+workers 0 … n-1), else none.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class Placement:
 
 def worker_rank() -> int | None:
     """This process's rank among the run's worker processes, or None when it is not one of several."""
-    env = os.environ.get(RANK_ENV, "").strip()
-    if env:
-        if not env.isdigit():
-            raise ValueError(f"{RANK_ENV} must be a non-negative integer, got {env!r}")
-        return int(env)
+    for var in (RANK_ENV, "LOCAL_RANK"):  # ours, then torchrun's (and most launchers')
+        env = os.environ.get(var, "").strip()
+        if env:
+            if not env.isdigit():
+                raise ValueError(f"{var} must be a non-negative integer, got {env!r}")
+            return int(env)
     try:
         from distributed import get_worker
 
@@ -62,8 +64,10 @@ def place(
     (an int, a list, or None for every visible GPU), ``visible`` GPUs (None: not checked) and this
     worker's ``rank`` (None: use every listed GPU). A worker of rank r gets the r-th listed GPU (mod
     their number)."""
-    kind, _, suffix = device.partition(":")
+    kind, _, suffix = device.strip().lower().partition(":")
     if kind == "cpu":
+        if device_index is not None:
+            raise ValueError(f"device_index {device_index!r} needs device 'cuda', not {device!r}")
         return Placement("cpu", (0,))
     if kind != "cuda":
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")

@@ -48,7 +48,7 @@ class DocLayoutYoloConfig(StrictModel):
     conf: float = 0.2
     device: str = "cpu"  # "cpu", "cuda" (GPU picked per worker, see device_index) or "cuda:N"
     # With device "cuda": the GPU(s) this machine's workers use, an int or a list spread over the
-    # workers by rank (tasks.ingest.layout.pick_device); None: all visible GPUs by rank.
+    # workers by rank (tasks.devices.place); None: all visible GPUs by rank.
     device_index: int | list[int] | None = None
     half: bool = True  # fp16 on CUDA; CPU always runs fp32
     # Pages per detector call from the ingest driver. On CUDA same-size pages share a model call (each

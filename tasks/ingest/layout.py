@@ -253,77 +253,6 @@ class LayoutDetector(Protocol):
     def detect_batch(self, images: Sequence[Image.Image]) -> list[list[Region]]: ...
 
 
-# ---------------------------------------------------------------------------- device placement
-def pick_device(
-    device: str,
-    device_index: int | Sequence[int] | None,
-    worker_rank: int | None,
-    *,
-    device_count: int | None = None,
-) -> str:
-    """The torch device string one worker's model goes on, e.g. ``"cuda:1"``.
-
-    ``device`` is the profile's (``cpu``, ``cuda``, or an explicit ``cuda:N``). With ``device = "cuda"``:
-    ``device_index`` an int pins every worker to that GPU; a list spreads workers over those GPUs
-    round-robin by ``worker_rank`` (rank ``r`` gets ``device_index[r % len]``; no rank: the first);
-    None spreads them over all ``device_count`` visible GPUs (asked of torch when not given) by rank,
-    GPU 0 without a rank. So several Dask workers on one multi-GPU machine do not all load onto GPU 0.
-    A ``device_index`` with a CPU device or with an explicit ``cuda:N`` is a configuration error.
-    """
-    dev = str(device).strip().lower()
-    kind, _, explicit = dev.partition(":")
-    if kind != "cuda":
-        if device_index is not None:
-            raise ValueError(f"device_index {device_index!r} needs device 'cuda', not {device!r}")
-        return dev
-    if explicit:
-        if device_index is not None:
-            raise ValueError(f"device {device!r} names its GPU already; drop device_index {device_index!r}")
-        if not explicit.isdigit():
-            raise ValueError(f"bad CUDA device {device!r}")
-        return f"cuda:{int(explicit)}"
-    if worker_rank is not None and worker_rank < 0:
-        raise ValueError(f"worker_rank must be >= 0, got {worker_rank}")
-    rank = worker_rank or 0
-    if isinstance(device_index, int):
-        indices: list[int] = [device_index]
-    elif device_index is not None:
-        indices = [int(i) for i in device_index]
-        if not indices:
-            raise ValueError("device_index is an empty list")
-    else:
-        if worker_rank is None:
-            return "cuda:0"
-        if device_count is None:
-            import torch
-
-            device_count = torch.cuda.device_count()
-        if device_count < 1:
-            raise ValueError("device 'cuda' asked for, but no CUDA device is visible")
-        indices = list(range(device_count))
-    if any(i < 0 for i in indices):
-        raise ValueError(f"device_index must be >= 0, got {device_index!r}")
-    return f"cuda:{indices[rank % len(indices)]}"
-
-
-def worker_rank() -> int | None:
-    """This process's rank among one machine's workers: ``LOCAL_RANK`` (torchrun and most launchers), else
-    the name of the Dask worker running this code when it is an integer (a ``LocalCluster`` names its
-    workers 0, 1, …); None outside such a worker."""
-    import os
-
-    rank = os.environ.get("LOCAL_RANK", "")
-    if rank.isdigit():
-        return int(rank)
-    try:
-        from distributed import get_worker
-
-        name = get_worker().name
-    except (ImportError, ValueError):  # no distributed, or not inside a Dask worker
-        return None
-    return int(name) if isinstance(name, int) or (isinstance(name, str) and name.isdigit()) else None
-
-
 def _quiet_rapid_layout() -> None:
     """Keep rapid-layout's INFO chatter (every model load) off the console, warnings still shown.
 
@@ -383,8 +312,8 @@ class DocLayoutYoloDetector:
     rounding moves boxes by ~1e-4 px (so shards would depend on the batch size), and a batch is no faster
     there (0.8–1.0× one page per call, 1 thread; ``benchmarks/layout_batch.py``).
     So on CPU the output is bit-identical to one page per call (``tests/tasks/ingest/test_layout_batch.py``).
-    ``device`` + ``device_index`` place the model (:func:`pick_device`, by this process's
-    :func:`worker_rank`); it is handed to doclayout_yolo as a ``torch.device``, because its
+    ``device`` + ``device_index`` place the model (:func:`tasks.devices.place`, by this process's
+    :func:`tasks.devices.worker_rank`); it is handed to doclayout_yolo as a ``torch.device``, because its
     ``select_device`` given a string rewrites ``CUDA_VISIBLE_DEVICES`` process-wide (``"cpu"`` hides every
     GPU from later CUDA users in the process, ``"cuda:1"`` renumbers them). ``half``: fp16 weights and
     activations on CUDA (fp32 on CPU whatever it says).
@@ -417,8 +346,11 @@ class DocLayoutYoloDetector:
 
         self.imgsz = int(imgsz)
         self.conf = float(conf)
-        rank = worker_rank() if str(device).strip().lower() == "cuda" else None  # only "cuda" spreads
-        self.device = pick_device(device, device_index, rank)
+        from tasks.devices import place, worker_rank
+
+        cuda = str(device).strip().lower().startswith("cuda")
+        visible = torch.cuda.device_count() if cuda else None
+        self.device = place(device, device_index, visible=visible, rank=worker_rank()).torch_device
         self.half = bool(half) and self.device.startswith("cuda")  # fp16 on CUDA only
         self.batch_size = max(1, int(batch_size))
         self.max_det = int(max_det)

@@ -7,9 +7,9 @@ import pytest
 from tasks.devices import RANK_ENV, Placement, place, worker_rank
 
 
-def test_cpu_ignores_device_index() -> None:
-    assert place("cpu", [0, 1], visible=0, rank=3) == Placement("cpu", (0,))
-    assert place("cpu").torch_device == "cpu"
+def test_cpu() -> None:
+    assert place("cpu", visible=0, rank=3) == Placement("cpu", (0,))
+    assert place("CPU").torch_device == "cpu"
 
 
 @pytest.mark.parametrize(
@@ -25,6 +25,7 @@ def test_cpu_ignores_device_index() -> None:
         ("cuda", [2, 3], 4, None, (2, 3)),
         ("cuda", 1, 2, 7, (1,)),  # one GPU named: every worker shares it
         ("cuda:1", None, 2, 0, (1,)),
+        ("CUDA:1", None, 2, None, (1,)),
     ],
 )
 def test_each_worker_gets_its_own_gpu(device, index, visible, rank, want) -> None:
@@ -47,6 +48,7 @@ def test_eight_workers_on_eight_gpus_use_all_of_them() -> None:
         ("cuda:0", 1, 2, "names its GPU"),
         ("tpu", None, 1, "device must be"),
         ("cuda:x", None, 1, "device must be"),
+        ("cpu", 0, 1, "needs device 'cuda'"),
     ],
 )
 def test_bad_placements_fail_naming_the_problem(device, index, visible, message) -> None:
@@ -56,8 +58,11 @@ def test_bad_placements_fail_naming_the_problem(device, index, visible, message)
 
 def test_rank_from_env_then_dask(monkeypatch) -> None:
     monkeypatch.delenv(RANK_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert worker_rank() is None  # not in a Dask worker
-    monkeypatch.setenv(RANK_ENV, "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")  # torchrun's
+    assert worker_rank() == 2
+    monkeypatch.setenv(RANK_ENV, "3")  # ours wins
     assert worker_rank() == 3
     monkeypatch.setenv(RANK_ENV, "three")
     with pytest.raises(ValueError, match=RANK_ENV):
@@ -69,6 +74,7 @@ def test_rank_of_a_local_dask_worker(monkeypatch) -> None:
     from distributed import Client, LocalCluster
 
     monkeypatch.delenv(RANK_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
         Client(cluster) as client,

@@ -1,6 +1,7 @@
 """Batched layout inference and GPU placement: several pages per detector call give exactly what one page
 per call gives (both engines, pages of different sizes), the ingest shard's bytes do not depend on the
-batch size, and ``pick_device`` spreads workers over GPUs (pure, tested with made-up device lists)."""
+batch size; the detector's GPU comes from ``tasks.devices`` (tested with made-up device lists in
+``tests/tasks/test_devices.py``)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ from tasks.ingest.layout import (
     LayoutDetector,
     RapidLayoutDetector,
     build_layout_detector,
-    pick_device,
-    worker_rank,
 )
 from tasks.models import sha256_file
 from tests.support.layout_models import calibrated_doclayout_yolo
@@ -282,51 +281,3 @@ def test_layout_config_keys() -> None:
     ]:
         with pytest.raises(ProfileError, match=match):
             build_layout_detector({**base, **bad})
-
-
-def test_pick_device() -> None:
-    assert pick_device("cpu", None, None) == "cpu"
-    assert pick_device("cpu", None, 3) == "cpu"
-    assert pick_device("CUDA:2", None, 5) == "cuda:2"  # an explicit GPU is kept
-    assert pick_device("cuda", None, None, device_count=4) == "cuda:0"
-    assert pick_device("cuda", 1, None) == pick_device("cuda", 1, 7) == "cuda:1"
-    by_rank = [pick_device("cuda", [2, 3], r) for r in (None, 0, 1, 2, 3)]
-    assert by_rank == ["cuda:2", "cuda:2", "cuda:3", "cuda:2", "cuda:3"]
-    # no device_index: the workers spread over every visible GPU by rank
-    assert [pick_device("cuda", None, r, device_count=3) for r in range(5)] == [
-        "cuda:0",
-        "cuda:1",
-        "cuda:2",
-        "cuda:0",
-        "cuda:1",
-    ]
-    for args, kwargs, match in [
-        (("cpu", 0, None), {}, "needs device 'cuda'"),
-        (("cuda:1", [0, 1], 0), {}, "names its GPU already"),
-        (("cuda", [], 0), {}, "empty list"),
-        (("cuda", [0, -2], 1), {}, ">= 0"),
-        (("cuda", None, -1), {}, ">= 0"),
-        (("cuda", None, 2), {"device_count": 0}, "no CUDA device"),
-        (("cuda:x", None, None), {}, "bad CUDA device"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            pick_device(*args, **kwargs)
-
-
-def test_worker_rank_from_launcher_and_dask(monkeypatch) -> None:
-    from distributed import Client, LocalCluster
-
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert worker_rank() is None  # a plain process
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    assert worker_rank() == 3
-    monkeypatch.delenv("LOCAL_RANK")
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        names = {w.address: w.name for w in cluster.workers.values()}
-        # what worker_rank() says inside a task on each worker
-        ranks = {a: client.submit(worker_rank, workers=[a], pure=False).result() for a in names}
-    assert sorted(ranks.values()) == [0, 1]
-    assert ranks == names
