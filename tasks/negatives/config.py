@@ -22,7 +22,8 @@ class IndexOptions(StrictModel):
     """``[negatives.index]``: the per-split mining index (``tasks/negatives/index.py``) and its search."""
 
     candidates: int = Field(0, ge=0)  # dense: first-pass FAISS hits per query (0: max(4 × top_n, 64))
-    prune_postings: int = Field(0, ge=0)  # bm25: postings scored before the bound test (0: 64 × candidates)
+    # bm25: a query with at most this many postings is scored exhaustively, else by the windowed search
+    prune_postings: int = Field(0, ge=0)  # (0: 64 × candidates)
     max_segments: int = Field(16, ge=1)  # a build that would leave more live segments re-indexes the split
     ivf_threshold: int = Field(200_000, ge=1)  # dense: a segment with more pages gets a FAISS IVF index
     ivf_nlist: int = Field(0, ge=0)  # IVF lists (0: 4 × sqrt(pages))
