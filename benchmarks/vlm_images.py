@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "assets" / "samples"
@@ -31,6 +31,10 @@ TEXT = {
     "zh": "北方铁路公司在二零二三年运送了四百二十万名乘客。货运收入增长了百分之十二。",
     "ar": "نقلت شركة السكك الحديدية الشمالية 4.2 مليون راكب في عام 2023. ارتفعت إيرادات الشحن. ",
 }
+
+
+def _area(bbox: tuple[float, float, float, float]) -> float:
+    return (bbox[2] - bbox[0]) * (bbox[3] - bbox[1])
 
 
 def encoders() -> dict[str, dict]:
@@ -68,10 +72,13 @@ def translated_pages(pages: list[tuple[str, Image.Image]]) -> list[tuple[str, Im
         regions = detector.detect(image)
         for lang, text in TEXT.items():
             filled = [
-                replace(r, text=(text * 40)[: max(20, int((r.bbox[2] - r.bbox[0]) * (r.bbox[3] - r.bbox[1]) / 900))],
-                        translatable=r.label not in ("figure", "table", "formula"))
+                replace(
+                    r,
+                    text=(text * 40)[: max(20, int(_area(r.bbox) / 900))],  # ~ what the box holds
+                    translatable=r.label not in ("figure", "table", "formula"),
+                )
                 for r in regions
-            ]  # fmt: skip
+            ]
             out.append((f"{name}/{lang}", render_page(image, filled, lang, cfg).image))
     return out
 
@@ -133,7 +140,11 @@ def main() -> None:
               f"fitted to {args.side} px")  # fmt: skip
         rows = measure(pages, args.side, args.repeat)
         base = rows["png (level 6)"]
-        print(f"{'encoding':<16} {'KiB':>7} {'b64 KiB':>8} {'vs png':>7} {'enc ms':>7} {'vs png':>7} {'PSNR dB':>8}")
+        head = ("encoding", "KiB", "b64 KiB", "vs png", "enc ms", "vs png", "PSNR dB")
+        print(
+            f"{head[0]:<16} "
+            + " ".join(f"{h:>{w}}" for h, w in zip(head[1:], (7, 8, 7, 7, 7, 8), strict=True))
+        )
         for name, r in rows.items():
             print(
                 f"{name:<16} {r['kb']:7.1f} {r['b64_kb']:8.1f} {r['kb'] / base['kb']:6.2f}× "
