@@ -117,6 +117,10 @@ bench: models vllm tesseract
 	$(BIN)/python benchmarks/manifest_scale.py
 	$(BIN)/python benchmarks/mining_index.py
 	$(BIN)/python benchmarks/scale_corpus.py
+	$(BIN)/python benchmarks/stage_profile.py
+	$(BIN)/python benchmarks/png_level.py
+	$(BIN)/python benchmarks/layout_batch.py
+	$(BIN)/python benchmarks/vlm_images.py
 
 clean:
 	rm -rf out .prefect .serve .pytest_cache .ruff_cache

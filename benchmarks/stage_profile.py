@@ -18,7 +18,7 @@ and every other sample is glue (our Python, numpy we call, the standard library)
 the GIL is charged to the Python frame that made it, so a numpy median in our code counts as glue and a
 FreeType render inside ``ImageDraw.text`` as renderer. Goal: glue <= 25% of each stage's time.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/stage_profile.py [--pages 24] [--lang hi] [--json FILE]
+    .venv/bin/python benchmarks/stage_profile.py [--pages 24] [--lang hi] [--json FILE]
 
 Input: single pages of the R reference manual (born-digital, see ``scale_corpus.refman``), or generated
 PDFs when it cannot be had.
