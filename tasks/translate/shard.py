@@ -52,9 +52,29 @@ def has_letters(text: str) -> bool:
     return any(unicodedata.category(ch).startswith("L") for ch in text)
 
 
+# [translate] keys that decide where and how fast, never what: a chunk's translation depends only on the
+# chunk, the model and the decoding options, whatever the batching, threads or calls in flight
+# (tests/tasks/translate/test_translate.py). Left out of every hash, so more GPUs or bigger batches
+# re-make no shard and keep the translation memory. (``device`` stays: it picks int8 vs int8_float16.)
+SPEED_KEYS = (
+    "device_index",
+    "max_batch_size",
+    "batch_type",
+    "max_batch_tokens",
+    "max_in_flight",
+    "inter_threads",
+    "intra_threads",
+)
+
+
+def translate_hash_view(translate_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a normalised ``[translate]`` table that decides the translations."""
+    return {k: v for k, v in translate_cfg.items() if k not in SPEED_KEYS}
+
+
 def memory_rel(lang: str, en_shard: str, translate_cfg: dict[str, Any], fps: dict[str, str]) -> str:
     """Where a shard's translation memory lives: keyed by what decides its translations."""
-    key = config_hash({"translate": translate_cfg, "models": fps})
+    key = config_hash({"translate": translate_hash_view(translate_cfg), "models": fps})
     return f"memory/{lang}/{en_shard}-{key}.parquet"
 
 
@@ -86,8 +106,9 @@ class TranslateStage(ShardStage):
         self.en_entry = self.manifest.get(self.en_shard)
         if self.en_entry is None:
             raise FileNotFoundError(f"English shard {self.en_shard} is not in the manifest of {self.store}")
+        cfg = {**plain(self.cfg), "translate": translate_hash_view(self.translate)}
         cfg_hash = config_hash(
-            {"cfg": plain(self.cfg), "models": self.fps, "input": self.en_entry.sha256, "lang": self.lang}
+            {"cfg": cfg, "models": self.fps, "input": self.en_entry.sha256, "lang": self.lang}
         )
         name = lang_shard_name(self.en_shard, self.lang)
         return ShardPlan(
@@ -105,7 +126,11 @@ class TranslateStage(ShardStage):
         if render_cfg.qa:
             assert_tesseract([lang])
         render_hash = config_hash(
-            {"render": render_cfg.to_dict(), "translate": self.translate, "models": self.fps}
+            {
+                "render": render_cfg.to_dict(),
+                "translate": translate_hash_view(self.translate),
+                "models": self.fps,
+            }
         )
         translator = load_translator(self.translate, self.fps.get("translate", ""))
         cache = TranslationMemory(self.store, memory_rel(lang, self.en_shard, self.translate, self.fps))
