@@ -8,9 +8,9 @@ Pure functions, no Prefect. The pipeline per box:
    ink colour when it contrasts enough with the background, else black or white;
 3. layout: the text is cut into line-break atoms (words; characters for zh/ja with no line starting
    with closing punctuation; grapheme clusters for Thai), each line is split into runs of one font
-   and one bidi level (simplified Unicode bidi algorithm: Arabic runs are RTL, Latin words and digits
-   inside them LTR), runs are placed in visual order (RTL lines right-aligned), and the largest font
-   size that fits the box is found by binary search;
+   and one bidi level (the Unicode bidi algorithm, UAX #9, via python-bidi: Arabic runs are RTL,
+   Latin words and digits inside them LTR), runs are placed in visual order (RTL lines right-aligned),
+   and the largest font size that fits the box is found by binary search;
 4. drawing: every run is shaped by Pillow's RAQM engine (HarfBuzz + FriBiDi) into a mask; ink that
    sticks out of the box (negative side bearings) is nudged in, ink larger than the box makes the
    size smaller; text that does not fit at the script's smallest size (``RenderConfig.min_px``) fails with
