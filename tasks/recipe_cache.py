@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -89,11 +90,19 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+# CPython 3.11 keeps the AST constructor's recursion depth in per-interpreter state, not per thread: two
+# threads in ast.parse at once can fail with "SystemError: AST constructor recursion depth mismatch"
+# (threaded reports under cpython gh-106905; seen here when two threads asked for one recipe at once).
+_PARSE_LOCK = threading.Lock()
+
+
 def _imports(path: Path) -> set[str]:
     """Every module name ``path`` imports, at any depth of its code (``from a import b`` gives ``a``
     and ``a.b``: b may be a submodule)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    with _PARSE_LOCK:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
