@@ -53,6 +53,28 @@ def worker_rank() -> int | None:
     return int(name) if isinstance(name, str) and name.isdigit() else None
 
 
+def check_devices(device: str, device_index: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """The GPUs a profile names, checked without looking at the machine (profile validation calls this,
+    so a bad table fails on load naming its key): ``(N,)`` for ``cuda:N``, the ``device_index`` list
+    for ``cuda``, None when the choice is left to the visible GPUs or the device is the CPU."""
+    kind, _, suffix = str(device).strip().lower().partition(":")
+    if kind not in ("cpu", "cuda") or (suffix and not suffix.isdigit()) or (kind == "cpu" and suffix):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device_index is not None and (kind == "cpu" or suffix):
+        named = " (it names its GPU)" if suffix else ""
+        raise ValueError(f"device_index needs device = 'cuda' (got device = {device!r}{named})")
+    if suffix:
+        return (int(suffix),)
+    if device_index is None:
+        return None
+    indices = (device_index,) if isinstance(device_index, int) else tuple(int(i) for i in device_index)
+    if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
+        raise ValueError(
+            f"device_index must be a GPU number or a non-empty list of distinct ones, got {device_index!r}"
+        )
+    return indices
+
+
 def place(
     device: str,
     device_index: int | Sequence[int] | None = None,
@@ -64,33 +86,17 @@ def place(
     (an int, a list, or None for every visible GPU), ``visible`` GPUs (None: not checked) and this
     worker's ``rank`` (None: use every listed GPU). A worker of rank r gets the r-th listed GPU (mod
     their number)."""
-    kind, _, suffix = device.strip().lower().partition(":")
-    if kind == "cpu":
-        if device_index is not None:
-            raise ValueError(f"device_index {device_index!r} needs device 'cuda', not {device!r}")
+    named = check_devices(device, device_index)
+    if str(device).strip().lower() == "cpu":
         return Placement("cpu", (0,))
-    if kind != "cuda":
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if suffix:
-        if device_index is not None:
-            raise ValueError(f"device {device!r} names its GPU: set device = 'cuda' to use device_index")
-        if not suffix.isdigit():
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        indices: tuple[int, ...] = (int(suffix),)
-    elif device_index is None:
+    if named is None:
         if visible is None:
             raise ValueError("device = 'cuda' without device_index needs the number of visible GPUs")
-        indices = tuple(range(visible))
-    elif isinstance(device_index, int):
-        indices = (device_index,)
-    else:
-        indices = tuple(int(i) for i in device_index)
-    if not indices:
-        raise ValueError("no GPU to run on: device_index is empty or no CUDA device is visible")
-    if len(set(indices)) != len(indices) or min(indices) < 0:
-        raise ValueError(f"device_index must list distinct non-negative GPUs, got {list(indices)}")
-    if visible is not None and max(indices) >= visible:
-        raise ValueError(f"device_index {list(indices)} names a GPU beyond the {visible} visible")
-    if rank is not None and len(indices) > 1:
-        indices = (indices[rank % len(indices)],)
-    return Placement("cuda", indices)
+        if visible < 1:
+            raise ValueError("device = 'cuda' but no CUDA device is visible")
+        named = tuple(range(visible))
+    if visible is not None and max(named) >= visible:
+        raise ValueError(f"device_index {list(named)} names a GPU beyond the {visible} visible")
+    if rank is not None and len(named) > 1:
+        named = (named[rank % len(named)],)
+    return Placement("cuda", named)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.config import StrictModel, engine_union
+from tasks.devices import check_devices
 
 
 class IngestOptions(StrictModel):
@@ -69,15 +70,8 @@ class DocLayoutYoloConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _device_index(self) -> DocLayoutYoloConfig:
-        idx = self.device_index
-        if idx is None:
-            return self
-        if self.device.strip().lower() != "cuda":
-            raise ValueError(f"device_index needs device = 'cuda' (got device = {self.device!r})")
-        indices = [idx] if isinstance(idx, int) else idx
-        if not indices or any(i < 0 for i in indices):
-            raise ValueError(f"device_index must be a GPU number or a non-empty list of them, got {idx!r}")
+    def _devices(self) -> DocLayoutYoloConfig:
+        check_devices(self.device, self.device_index)
         return self
 
 

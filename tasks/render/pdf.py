@@ -18,7 +18,7 @@ from tasks import languages
 from tasks.render import fonts
 from tasks.render.config import RenderConfig
 from tasks.render.fonts import FontFace
-from tasks.render.png import _check_mode, _line_x, _pixel_box, _wants_render, estimate_colors
+from tasks.render.png import _check_mode, _line_x, _pixel_box, _wants_render, estimate_colors, page_pixels
 from tasks.render.text_layout import _STRONG_R, fit_text
 from tasks.schema import Region
 
@@ -214,6 +214,7 @@ def page_pdf(image: Image.Image, regions: Sequence[Region], lang: str, cfg: Rend
     scale = 72.0 / cfg.pdf_dpi
     base = image.convert("RGB")
     todo = [(i, r) for i, r in enumerate(regions) if _wants_render(r)]
+    pixels = page_pixels(image)  # once per page, read by every region's colour estimate
     placed = []
     for i, region in todo:
         bold = region.label in cfg.bold_labels
@@ -233,7 +234,7 @@ def page_pdf(image: Image.Image, regions: Sequence[Region], lang: str, cfg: Rend
         )
         if fit is None:
             raise ValueError(f"region {i}: text does not fit its box at >= {cfg.min_font_px} px")
-        bg, color = estimate_colors(image, pbox, cfg)
+        bg, color = estimate_colors(pixels, pbox, cfg)
         placed.append((pbox, fit, data, bg, color))
     for pbox, _fit, _data, bg, _color in placed:
         base.paste(bg, pbox)

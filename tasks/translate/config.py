@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.config import StrictModel, check_config
+from tasks.devices import check_devices
 from tasks.render.config import RenderConfig
 
 DEFAULT_ENGINE = "ctranslate2"  # the [translate] engine when a table names none
@@ -33,6 +34,11 @@ class Ct2TranslateConfig(StrictModel):
     max_decoding_length: int = 256
     no_repeat_ngram_size: int = 0
     max_length_ratio: float = 3.0
+
+    @model_validator(mode="after")
+    def _devices(self) -> Ct2TranslateConfig:
+        check_devices(self.device, self.device_index)
+        return self
 
 
 TRANSLATE_CONFIGS = {"ctranslate2": Ct2TranslateConfig}

@@ -43,12 +43,14 @@ def test_eight_workers_on_eight_gpus_use_all_of_them() -> None:
     [
         ("cuda", [0, 2], 2, "beyond the 2 visible"),
         ("cuda", [1, 1], 2, "distinct"),
-        ("cuda", [], 2, "no GPU"),
-        ("cuda", None, 0, "no GPU"),
+        ("cuda", [], 2, "non-empty list"),
+        ("cuda", [0, -1], 2, "non-empty list"),
+        ("cuda", None, 0, "no CUDA device"),
         ("cuda:0", 1, 2, "names its GPU"),
         ("tpu", None, 1, "device must be"),
         ("cuda:x", None, 1, "device must be"),
-        ("cpu", 0, 1, "needs device 'cuda'"),
+        ("cpu", 0, 1, "needs device = 'cuda'"),
+        ("cpu:1", None, 1, "device must be"),
     ],
 )
 def test_bad_placements_fail_naming_the_problem(device, index, visible, message) -> None:
