@@ -3,7 +3,8 @@
 Orchestration only: build the suite from a synthesize run's held-out documents (`eval.build`), score
 each set in its own task (`eval.evaluate`), then write the report (`eval.benchmark_report`): results.json, one
 TREC run file per set and retriever, report.md + report.png, rejects.parquet, and Prefect artifacts
-(markdown with the plot, summary table, progress).
+(markdown with the plot, summary table, progress); with ``mteb_results``, mteb TaskResult JSON too
+(`eval.mteb`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ def evaluate_set_task(params: BenchmarkParams, info: SetInfo, location: str) -> 
     return result.to_json()
 
 
+@task(name="benchmark-mteb-results")
+def mteb_results_task(
+    params: BenchmarkParams, sets: list[tuple[SetInfo, str]], results: list[dict[str, Any]]
+) -> list[str]:
+    """The scored sets as mteb TaskResult JSON (one model per retriever view) under params.mteb_results."""
+    from eval.mteb import write_mteb_results
+
+    assert params.mteb_results is not None
+    locations = {f"{info.suite}/{info.name}": location for info, location in sets}
+    paths = write_mteb_results(params.mteb_results, params.encoder, results, locations=locations)
+    get_run_logger().info("mteb results: %d files under %s", len(paths), params.mteb_results)
+    return [str(p) for p in paths]
+
+
 @task(name="benchmark-report")
 def report_task(params: BenchmarkParams, results: list[dict[str, Any]]) -> dict[str, Any]:
     """results.json, report.md + report.png, rejects.parquet and the Prefect artifacts."""
@@ -95,7 +110,10 @@ def benchmark_nayana(params: BenchmarkParams | None = None) -> dict[str, Any]:
     for i, (info, location) in enumerate(sets, start=1):
         results.append(evaluate_set_task(params, info, location))
         update_progress_artifact(progress, 100.0 * i / len(sets))
-    return report_task(params, results)
+    report = report_task(params, results)
+    if params.mteb_results:
+        report["mteb_results"] = mteb_results_task(params, sets, results)
+    return report
 
 
 if __name__ == "__main__":  # pragma: no cover

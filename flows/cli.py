@@ -151,6 +151,8 @@ def benchmark_cmd(
             )
     typer.echo(f"report             : {result['report']}")
     typer.echo(f"results            : {result['results']}")
+    if "mteb_results" in result:
+        typer.echo(f"mteb results       : {len(result['mteb_results'])} files under {params.mteb_results}")
 
 
 @app.command("export")

@@ -203,6 +203,12 @@ class BenchmarkParams(BaseModel):
     batch_size: int | None = Field(
         None, ge=1, description="Pages per encoder call (None: 32 on CPU, 512 on CUDA for decode workers)."
     )
+    mteb_results: str | None = Field(
+        None,
+        description="Also write the results as mteb TaskResult JSON under this folder "
+        "(mteb.ResultCache(DIR).load_results() reads it: results/<model>/<revision>/<task>.json, "
+        "one model per retriever view).",
+    )
     rerank: dict[str, Any] | None = Field(
         None,
         description=(

