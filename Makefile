@@ -23,7 +23,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 .PHONY: help venv vllm tesseract models demo demo-eval test lint lint-once format bench serve stop clean
 
 help:
-	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT)"
+	@echo "make demo   - set up, build tiny models, synthesize the bundled samples into $(OUT) (+ $(OUT)-hf)"
 	@echo "make demo-eval - after make demo: train both tiny retrievers on $(OUT), then benchmark-nayana"
 	@echo "make test   - set up, build tiny models, lint and run the test suite"
 	@echo "make models - build the tiny offline models into $(M3DR_MODELS)"
@@ -64,6 +64,8 @@ tesseract:
 
 demo: models tesseract
 	time $(BIN)/m3dr synthesize --sources assets/samples --langs $(DEMO_LANGS) --profile tiny --out $(OUT)
+	# the same data as a Hugging Face dataset repository (README "Reading the output")
+	$(BIN)/m3dr export-dataset $(OUT) $(OUT)-hf --overwrite
 
 # the rest of the chain on the demo's output: train-netra (short CPU run) chained with benchmark-nayana
 demo-eval: models

@@ -697,14 +697,14 @@ def _qrels_table(b: Benchmark) -> pa.Table:
     )
 
 
-def _readme(split: str, name: str) -> str:
+def _readme(split: str, name: str, tag: str = "") -> str:
     lines = ["---", "configs:"]
     for cfg in CONFIGS:
         lines += [
             f"- config_name: {cfg}",
             "  data_files:",
             f"  - split: {split}",
-            f"    path: {cfg}/{split}-*",
+            f"    path: {cfg}/{split}-*{'-' + tag + '.parquet' if tag else ''}",
         ]
     lines += [
         "---",
@@ -724,31 +724,39 @@ def write_parquet(
     layout: Literal["flat", "hf"] = "flat",
     split: str = "test",
     rows_per_file: int | None = None,
+    max_file_bytes: int | None = None,
     row_group_size: int = 64,
     overwrite: bool = False,
+    tag: str = "",
 ) -> Path:
     """Write the benchmark as Parquet (flat or HF layout), images streamed in row groups. Returns ``out``.
 
-    ``rows_per_file`` shards the corpus (HF layout only), as the hub does for large corpora.
+    ``rows_per_file`` and/or ``max_file_bytes`` shard the corpus (HF layout only), as the hub does for
+    large corpora: a file is closed before a row group would take its Arrow size past ``max_file_bytes``
+    (page images are PNG, which Parquet's compression cannot shrink, so the file stays under it too).
+    ``tag`` (HF layout) ends every file name and README pattern, e.g. a content fingerprint: ``datasets``
+    caches a local folder under its name and README alone, so two folders of one name (a rebuilt suite)
+    would otherwise read each other's cache.
     """
     bench.validate()
     if layout not in ("flat", "hf"):
         raise ValueError(f"layout must be 'flat' or 'hf', got {layout!r}")
-    if rows_per_file is not None and layout != "hf":
-        raise ValueError("rows_per_file needs layout='hf'")
+    if (rows_per_file is not None or max_file_bytes is not None or tag) and layout != "hf":
+        raise ValueError("rows_per_file, max_file_bytes and tag need layout='hf'")
+    end = f"-{tag}.parquet" if tag else ".parquet"
     out = Path(out)
     n = len(bench.corpus_ids)
-    per_file = n if rows_per_file is None else max(1, rows_per_file)
-    n_files = max(1, -(-n // per_file))
+    per_file = max(n, 1) if rows_per_file is None else max(1, rows_per_file)
     schema = _corpus_schema(bench)
     opts: dict[str, Any] = {"compression": "zstd", "write_statistics": False}
 
     def dest(tmp: Path, cfg: str, i: int = 0) -> Path:
         if layout == "flat":
             return tmp / f"{cfg}.parquet"
-        total = n_files if cfg == "corpus" else 1
         (tmp / cfg).mkdir(exist_ok=True)
-        return tmp / cfg / f"{split}-{i:05d}-of-{total:05d}.parquet"
+        if cfg == "corpus":  # named -of-N once N is known (below)
+            return tmp / cfg / f".{split}-{i:05d}.parquet"
+        return tmp / cfg / f"{split}-00000-of-00001{end}"
 
     def piece(ids: list[str], imgs: list[bytes], start: int) -> pa.Table:
         cols: dict[str, Any] = {
@@ -762,30 +770,54 @@ def write_parquet(
 
     with atomic_dir(out, overwrite) as tmp:
         writer: pq.ParquetWriter | None = None
-        file_i, rows_in_file, row = -1, per_file, 0
+        file_i, rows_in_file, bytes_in_file, row = -1, 0, 0, 0
+
+        def roll() -> pq.ParquetWriter:
+            nonlocal writer, file_i, rows_in_file, bytes_in_file
+            if writer is not None:
+                writer.close()
+            file_i += 1
+            rows_in_file, bytes_in_file = 0, 0
+            writer = pq.ParquetWriter(dest(tmp, "corpus", file_i), schema, **opts)
+            return writer
+
+        def over(part: pa.Table) -> bool:
+            return max_file_bytes is not None and bytes_in_file + part.nbytes > max_file_bytes
+
         try:
             for ids, imgs in bench.iter_images(row_group_size):
                 a = 0
                 while a < len(ids):  # a batch may straddle a file boundary
-                    if rows_in_file >= per_file:
-                        if writer is not None:
-                            writer.close()
-                        file_i += 1
-                        writer = pq.ParquetWriter(dest(tmp, "corpus", file_i), schema, **opts)
-                        rows_in_file = 0
+                    if writer is None or rows_in_file >= per_file:
+                        roll()
+                        continue
                     take = min(per_file - rows_in_file, len(ids) - a)
-                    assert writer is not None
-                    writer.write_table(piece(ids[a : a + take], imgs[a : a + take], row + a), row_group_size)
+                    part = piece(ids[a : a + take], imgs[a : a + take], row + a)
+                    while take > 1 and over(part):  # fill the file up to its size, no further
+                        take //= 2
+                        part = piece(ids[a : a + take], imgs[a : a + take], row + a)
+                    if rows_in_file > 0 and over(part):
+                        roll()
+                        continue
+                    writer.write_table(part, row_group_size)
                     rows_in_file += take
+                    bytes_in_file += part.nbytes
                     a += take
                 row += len(ids)
+            if writer is None:  # an empty corpus still has its (empty) file
+                roll()
         finally:
             if writer is not None:
                 writer.close()
+        if layout == "hf":
+            for i in range(file_i + 1):
+                os.replace(
+                    dest(tmp, "corpus", i), tmp / "corpus" / f"{split}-{i:05d}-of-{file_i + 1:05d}{end}"
+                )
         pq.write_table(_queries_table(bench), dest(tmp, "queries"), **opts)
         pq.write_table(_qrels_table(bench), dest(tmp, "qrels"), **opts)
         if layout == "hf":
-            (tmp / "README.md").write_text(_readme(split, bench.name), encoding="utf-8")
+            (tmp / "README.md").write_text(_readme(split, bench.name, tag), encoding="utf-8")
     return out
 
 

@@ -280,11 +280,13 @@ def build_suite(
     max_queries_per_lang: int | None = None,
     overwrite: bool = False,
     name: str | None = None,
+    max_file_bytes: int | None = None,
 ) -> Suite:
     """Write the held-out split of a synthesize output as a suite directory (atomically) and return it.
 
     An existing suite built from the same inputs and options is returned as is (nothing rewritten);
-    a different one needs ``overwrite=True``.
+    a different one needs ``overwrite=True``. ``max_file_bytes`` caps each corpus Parquet file (the hub's
+    recommended shard size, for a suite that is published).
     """
     out = Path(out)  # the suite is written locally; ``root`` may be a URL
     name = name or f"heldout-{split}"
@@ -297,6 +299,8 @@ def build_suite(
         "langs": sorted(langs) if langs else None,
         "max_queries_per_lang": max_queries_per_lang,
     }
+    if max_file_bytes is not None:  # (absent otherwise, so suites built before keep their fingerprint)
+        options["max_file_bytes"] = max_file_bytes
     fp = config_hash({"inputs": inputs_fingerprint(manifest), "options": options})
     if (out / SUITE_FILE).is_file():
         existing = read_suite(out)
@@ -316,7 +320,7 @@ def build_suite(
     infos = []
     with atomic_dir(out, overwrite=True) as tmp:
         for info, bench in sets:
-            write_parquet(bench, tmp / info.path, layout="hf")
+            write_parquet(bench, tmp / info.path, layout="hf", max_file_bytes=max_file_bytes, tag=fp[:12])
             infos.append(
                 SetInfo(
                     info.name,

@@ -183,6 +183,69 @@ def export_cmd(
     typer.echo(f"exported ({format}): {path}")
 
 
+@app.command("export-dataset")
+def export_dataset_cmd(
+    root: Annotated[str, typer.Argument(help="Synthesize output root (a path or s3://…).")],
+    dest: Annotated[
+        str, typer.Argument(help="Folder to write: a Hugging Face dataset repository (path or URL).")
+    ],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="colpali: query / pos_target / neg_target + corpus-id (colpali-engine's "
+            "ColPaliEngineDataset and Corpus); tevatron: Tevatron's column names (query_text, "
+            "positive_document_ids, docid, …).",
+        ),
+    ] = "colpali",
+    positives: Annotated[
+        str, typer.Option(help="exact: pos_target is the exact page; parallel: also its translations.")
+    ] = "exact",
+    min_negatives: Annotated[
+        int, typer.Option(help="Leave out rows with fewer mined negatives (colpali-engine's num_negatives).")
+    ] = 0,
+    max_file_mb: Annotated[
+        float, typer.Option(help="Largest Parquet file, MB (the hub's recommended shard: 500).")
+    ] = 500.0,
+    license: Annotated[str, typer.Option(help="The card's licence field (a hub licence id).")] = "unknown",
+    name: Annotated[str | None, typer.Option(help="The card's pretty name.")] = None,
+    benchmark: Annotated[
+        bool, typer.Option(help="Also export the held-out suite (Nayana-IR layout).")
+    ] = True,
+    max_queries_per_lang: Annotated[
+        int | None, typer.Option(help="Benchmark query sample per language (default: all).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the export already in DEST.")] = False,
+) -> None:
+    """Export a synthesize run as a Hugging Face dataset: train/dev/corpus configs, the benchmark suite,
+    a dataset card. Upload it with `huggingface-cli upload <repo> DEST --repo-type dataset`."""
+    from eval.dataset_export import ExportError, export_dataset
+
+    try:
+        result = export_dataset(
+            root,
+            dest,
+            fmt=format,  # type: ignore[arg-type]
+            positives=positives,  # type: ignore[arg-type]
+            min_negatives=min_negatives,
+            max_file_bytes=int(max_file_mb * 1000**2),
+            license=license,
+            pretty_name=name,
+            benchmark=benchmark,
+            max_queries_per_lang=max_queries_per_lang,
+            overwrite=overwrite,
+            progress=True,
+        )
+    except (ExportError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if result.reused:
+        typer.echo(f"{result.dest}: already exported from these inputs (fingerprint {result.fingerprint})")
+    for c in result.configs:
+        typer.echo(f"{c['config_name']:28s} {c['split']:6s} {c['rows']:8d} rows  {c['path']}")
+    typer.echo(f"dataset card: {result.dest}/README.md")
+
+
 @app.command("benchmark-compare")
 def benchmark_compare(
     results: Annotated[

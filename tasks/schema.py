@@ -164,6 +164,67 @@ TRAIN_SCHEMA = pa.schema(
 )
 
 
+# `m3dr export-dataset` (eval/dataset_export.py): a Hugging Face dataset repository in the columns the
+# field trains on. ``train`` / ``dev`` rows name their documents by corpus id, colpali-engine style
+# (``ColPaliEngineDataset`` + ``Corpus``): ``pos_target`` = the exact page first, then (``--positives
+# parallel``) its parallel pages; ``neg_target`` = the mined negatives. ``corpus`` holds the pages of the
+# train and dev documents. The benchmark sets keep the Nayana-IR layout of eval/beir.py.
+EXPORT_TRAIN_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),  # m3dr's query id (queries / train shards)
+        ("query", pa.string()),
+        ("query_image", IMAGE_TYPE),  # composed queries: the region crop; null for text queries
+        ("query_lang", pa.string()),
+        ("target_lang", pa.string()),  # language of the exact positive page
+        ("kind", pa.string()),
+        ("pos_target", pa.list_(pa.string())),  # corpus ids; [0] is the exact page
+        ("neg_target", pa.list_(pa.string())),  # corpus ids of the mined negatives, best-scoring first
+        ("neg_scores", pa.list_(pa.float32())),  # the miner's scores of neg_target
+        ("source_page_id", pa.string()),  # the parallel group (English original's page id)
+        ("doc-id", pa.string()),  # source document (m3dr's source_id)
+        ("miner", pa.string()),
+        ("generator", pa.string()),
+    ],
+    metadata={
+        "m3dr.schema": "export-train",
+        "m3dr.schema_version": SCHEMA_VERSION,
+        "huggingface": json.dumps(
+            {"info": {"features": {"query_image": {"_type": "Image"}}}}, separators=(",", ":")
+        ),
+    },
+)
+EXPORT_CORPUS_SCHEMA = pa.schema(
+    [
+        ("corpus-id", pa.string()),  # m3dr's page_id
+        ("doc-id", pa.string()),  # source document (m3dr's source_id)
+        ("image", IMAGE_TYPE),
+        ("lang", pa.string()),
+        ("text", pa.string()),  # region texts in reading order
+        ("source_page_id", pa.string()),  # the parallel group: never a negative for each other
+        ("page_index", pa.int32()),
+        ("split", pa.string()),  # train | dev
+    ],
+    metadata={
+        "m3dr.schema": "export-corpus",
+        "m3dr.schema_version": SCHEMA_VERSION,
+        "huggingface": json.dumps(
+            {"info": {"features": {"image": {"_type": "Image"}}}}, separators=(",", ":")
+        ),
+    },
+)
+# ``--format tevatron``: the same rows under Tevatron's multimodal column names (its train set:
+# query_id, query_text, query_image, positive_document_ids, negative_document_ids; its corpus: docid,
+# image, text). Columns not named here keep their name.
+TEVATRON_COLUMNS: dict[str, dict[str, str]] = {
+    "train": {
+        "query": "query_text",
+        "pos_target": "positive_document_ids",
+        "neg_target": "negative_document_ids",
+    },
+    "corpus": {"corpus-id": "docid"},
+}
+
+
 # The negatives stage's mining index (tasks/negatives/index.py): one row per indexed page, aligned with
 # the rows of the segment's BM25 matrix / vectors. Bump INDEX_VERSION when the index files change.
 INDEX_VERSION = 1
