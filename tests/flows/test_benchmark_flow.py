@@ -325,8 +325,50 @@ def _read_trec(path: Path) -> dict[str, dict[str, float]]:
 # mteb (eval/mteb.py): mteb's own evaluator on the suite, and m3dr's results in mteb's result layout
 
 # mteb 2.26 rounds the query means of NDCG/MAP/Recall/P to 5 decimals (parse_metrics_from_scores) and
-# not MRR: m3dr's values agree to that rounding (|Δ| <= 5e-6), MRR to float noise
+# not MRR: m3dr's values agree to that rounding (|Δ| <= 5e-6), MRR to float noise. Unrounded, mteb's
+# evaluator core (calculate_retrieval_scores: pytrec_eval per query + its own MRR) on the run it was
+# given equals m3dr's metrics to 1e-6 (MTEB_EXACT).
 MTEB_ROUNDED = {"ndcg@5": 5e-6, "recall@10": 5e-6, "map@10": 5e-6, "mrr@10": 1e-9}
+MTEB_EXACT = 1e-6
+_PYTREC = {"ndcg@5": "ndcg_cut_5", "recall@10": "recall_10", "map@10": "map_cut_10"}
+
+
+class _Recording:
+    """An mteb search model that keeps the run it handed mteb per task (to re-score it unrounded)."""
+
+    def __init__(self, model):
+        self._model, self.runs = model, {}
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    @property
+    def mteb_model_meta(self):
+        return self._model.mteb_model_meta
+
+    def index(self, *args, **kwargs):
+        return self._model.index(*args, **kwargs)
+
+    def search(self, *args, task_metadata, **kwargs):
+        run = self._model.search(*args, task_metadata=task_metadata, **kwargs)
+        self.runs[task_metadata.name] = run
+        return run
+
+
+def _mteb_unrounded(run, qrels_dir):
+    """mteb's own metric code on ``run``, query means not rounded."""
+    import pyarrow.parquet as pq
+    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
+
+    qrels = {}
+    for f in sorted(Path(qrels_dir).glob("*.parquet")):
+        for r in pq.read_table(f).to_pylist():
+            qrels.setdefault(r["query-id"], {})[r["corpus-id"]] = int(r["score"])
+    got = calculate_retrieval_scores(run, qrels, [5, 10])
+    per_query = got.all_scores.values()
+    out = {m: sum(q[key] for q in per_query) / len(per_query) for m, key in _PYTREC.items()}
+    out["mrr@10"] = got.mrr["MRR@10"]
+    return out
 
 
 def _assert_mteb_equals_m3dr(runner, views, suite_dir, results_json):
@@ -343,8 +385,11 @@ def _assert_mteb_equals_m3dr(runner, views, suite_dir, results_json):
     tasks = suite_tasks(suite_dir)
     assert set(sets) == {t.metadata.name for t in tasks} and tasks[0].metadata.main_score == "ndcg_at_5"
     worst = dict.fromkeys(MTEB_ROUNDED, 0.0)
+    exact = 0.0
+    paths = {task_name(SetInfo(r["name"], r["kind"], r["name"], suite=r["suite"])): r["name"]
+             for r in json.loads(Path(results_json).read_text())["sets"]}  # fmt: skip
     for view in views:
-        model = mteb_model(runner, view)
+        model = _Recording(mteb_model(runner, view))
         result = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
         assert sorted(r.task_name for r in result.task_results) == sorted(sets)
         for tr in result.task_results:
@@ -355,7 +400,11 @@ def _assert_mteb_equals_m3dr(runner, views, suite_dir, results_json):
                 diff = abs(scores[m.replace("@", "_at_")] - ours[m])
                 worst[m] = max(worst[m], diff)
                 assert diff <= tol, (tr.task_name, view, m, scores[m.replace("@", "_at_")], ours[m])
-    print(f"\nmteb vs m3dr {runner.encoder.model_id} {views}: max |diff| " + str(worst))
+            raw = _mteb_unrounded(model.runs[tr.task_name], Path(suite_dir) / paths[tr.task_name] / "qrels")
+            for m, v in raw.items():
+                exact = max(exact, abs(v - ours[m]))
+                assert abs(v - ours[m]) <= MTEB_EXACT, (tr.task_name, view, m, v, ours[m])
+    print(f"\nmteb vs m3dr {runner.encoder.model_id} {views}: max |diff| {worst}; unrounded {exact:.2e}")
 
 
 def _assert_mteb_results_read_back(mteb_dir, results_json):

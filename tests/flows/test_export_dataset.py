@@ -407,3 +407,8 @@ def test_readme_reading_the_output_runs(run, netra, tmp_path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "'neg_doc_input_ids': (2, 1," in out  # colpali's collator: one negative per row, stacked
+    scores = dict(re.findall(r"^(m3dr-\S+) ([0-9.]+)$", out, re.M))  # mteb: one NDCG@5 per set
+    assert {f"m3dr-heldout-benchmark-{s['name']}" for s in _suite_sets(run["hf"])} == set(scores)
+    assert all(0.0 <= float(v) <= 1.0 for v in scores.values())
