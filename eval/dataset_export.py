@@ -561,6 +561,8 @@ def _export_suite(
     from eval.beir import BenchmarkError
 
     local = workdir / SUITE_DIR
+    if not manifest.shards("queries"):  # train rows without their queries shards: nothing to hold out
+        return {}, [], ""
     try:
         build_suite(
             manifest.store,
