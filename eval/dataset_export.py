@@ -32,6 +32,7 @@ import io
 import json
 import shutil
 import tempfile
+import typing
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,12 +64,19 @@ CARD_FILE = "README.md"
 HUB_SHARD_BYTES = 500 * 1000**2
 ROW_GROUP_ROWS = 100  # image rows per Parquet row group (the hub viewer reads one group at a time)
 ROW_GROUP_BYTES = 100 * 1000**2  # datasets.config.MAX_ROW_GROUP_SIZE
-FORMATS: tuple[str, ...] = ("colpali", "tevatron")
 Format = Literal["colpali", "tevatron"]
 Positives = Literal["exact", "parallel"]
+FORMATS: tuple[Format, ...] = typing.get_args(Format)  # the first is the default
+POSITIVES: tuple[Positives, ...] = typing.get_args(Positives)
+DEFAULT_LICENSE = "unknown"  # the hub's id for "not stated": the sources' licences decide
 TRAIN_SPLITS: tuple[str, ...] = ("train", "dev")  # configs of the train rows, each with one split
 CORPUS_SPLIT = "train"
 SUITE_DIR = "benchmark"
+OWN_PREFIXES: tuple[str, ...] = (
+    "data/",
+    f"{SUITE_DIR}/",
+    "assets/",
+)  # what an export writes (+ the two files)
 TASK_CATEGORIES = ["visual-document-retrieval"]
 
 _PAGE_COLS = [
@@ -290,11 +298,11 @@ def export_dataset(
     root: str | Path | Store,
     dest: str | Path,
     *,
-    fmt: Format = "colpali",
-    positives: Positives = "exact",
+    fmt: Format = FORMATS[0],
+    positives: Positives = POSITIVES[0],
     min_negatives: int = 0,
     max_file_bytes: int = HUB_SHARD_BYTES,
-    license: str = "unknown",
+    license: str = DEFAULT_LICENSE,
     pretty_name: str | None = None,
     benchmark: bool = True,
     max_queries_per_lang: int | None = None,
@@ -309,8 +317,8 @@ def export_dataset(
     negatives into one tensor, so every row needs ``num_negatives`` of them)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {FORMATS}")
-    if positives not in ("exact", "parallel"):
-        raise ExportError(f"--positives {positives!r}: expected 'exact' or 'parallel'")
+    if positives not in POSITIVES:
+        raise ExportError(f"--positives {positives!r}: expected one of {POSITIVES}")
     if max_file_bytes < 1_000:
         raise ExportError(f"max_file_bytes {max_file_bytes} is too small for a Parquet file")
     manifest = Manifest(root)
@@ -340,8 +348,19 @@ def export_dataset(
             out.url, fp, previous["files"], ExportStats(**previous["stats"]), previous["configs"], reused=True
         )
     before = set(out.list(""))
-    if before and not overwrite:
-        raise ExportError(f"{out.url} is not empty (pass overwrite=True / --overwrite to replace its export)")
+    # an export that stopped half-way (a storage fault, a killed job: files, no record) is redone as if
+    # the folder were empty; a finished export with other inputs or options, or anything else, needs
+    # overwrite
+    foreign = sorted(
+        r for r in before if not r.startswith(OWN_PREFIXES) and r not in (EXPORT_FILE, CARD_FILE)
+    )
+    if previous is None and CARD_FILE in before:
+        foreign.append(CARD_FILE)
+    if (foreign or previous is not None) and not overwrite:
+        what = f"holds {foreign[:3]}" if foreign else "holds an export of other inputs or options"
+        raise ExportError(
+            f"{out.url} is not empty: it {what} (pass overwrite=True / --overwrite to replace it)"
+        )
 
     names = TEVATRON_COLUMNS if fmt == "tevatron" else {"train": {}, "corpus": {}}
     train_schema = renamed(EXPORT_TRAIN_SCHEMA, names["train"])
@@ -672,8 +691,8 @@ def dataset_card(
     stats: ExportStats,
     configs: list[dict[str, Any]],
     *,
-    fmt: str = "colpali",
-    license: str = "unknown",
+    fmt: str = FORMATS[0],
+    license: str = DEFAULT_LICENSE,
     name: str | None = None,
 ) -> str:
     """The dataset card: YAML header + what a user needs to trust the data, every number from ``stats``."""

@@ -13,7 +13,7 @@ import typer
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from flows.options import params_from, parse_option, with_model_options
-from flows.params import BenchmarkParams, SynthesizeParams, TrainParams
+from flows.params import BenchmarkParams, ExportParams, SynthesizeParams, TrainParams
 
 app = typer.Typer(help="m3dr: multilingual document-retrieval data factory.", no_args_is_help=True)
 models_app = typer.Typer(help="Build and list models of a profile.", no_args_is_help=True)
@@ -184,58 +184,22 @@ def export_cmd(
 
 
 @app.command("export-dataset")
+@with_model_options(ExportParams, skip=("data", "out"))
 def export_dataset_cmd(
     root: Annotated[str, typer.Argument(help="Synthesize output root (a path or s3://…).")],
     dest: Annotated[
-        str, typer.Argument(help="Folder to write: a Hugging Face dataset repository (path or URL).")
+        str, typer.Argument(help="Folder to write, a Hugging Face dataset repository (path or URL).")
     ],
-    format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="colpali: query / pos_target / neg_target + corpus-id (colpali-engine's "
-            "ColPaliEngineDataset and Corpus); tevatron: Tevatron's column names (query_text, "
-            "positive_document_ids, docid, …).",
-        ),
-    ] = "colpali",
-    positives: Annotated[
-        str, typer.Option(help="exact: pos_target is the exact page; parallel: also its translations.")
-    ] = "exact",
-    min_negatives: Annotated[
-        int, typer.Option(help="Leave out rows with fewer mined negatives (colpali-engine's num_negatives).")
-    ] = 0,
-    max_file_mb: Annotated[
-        float, typer.Option(help="Largest Parquet file, MB (the hub's recommended shard: 500).")
-    ] = 500.0,
-    license: Annotated[str, typer.Option(help="The card's licence field (a hub licence id).")] = "unknown",
-    name: Annotated[str | None, typer.Option(help="The card's pretty name.")] = None,
-    benchmark: Annotated[
-        bool, typer.Option(help="Also export the held-out suite (Nayana-IR layout).")
-    ] = True,
-    max_queries_per_lang: Annotated[
-        int | None, typer.Option(help="Benchmark query sample per language (default: all).")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the export already in DEST.")] = False,
+    **options: Any,
 ) -> None:
     """Export a synthesize run as a Hugging Face dataset: train/dev/corpus configs, the benchmark suite,
     a dataset card. Upload it with `huggingface-cli upload <repo> DEST --repo-type dataset`."""
-    from eval.dataset_export import ExportError, export_dataset
+    from eval.dataset_export import ExportError
+    from flows.export import run_export
 
+    params = params_from(ExportParams, options, data=root, out=dest)
     try:
-        result = export_dataset(
-            root,
-            dest,
-            fmt=format,  # type: ignore[arg-type]
-            positives=positives,  # type: ignore[arg-type]
-            min_negatives=min_negatives,
-            max_file_bytes=int(max_file_mb * 1000**2),
-            license=license,
-            pretty_name=name,
-            benchmark=benchmark,
-            max_queries_per_lang=max_queries_per_lang,
-            overwrite=overwrite,
-            progress=True,
-        )
+        result = run_export(params, progress=True)  # type: ignore[arg-type]
     except (ExportError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

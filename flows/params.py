@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from eval.build import HUB_ALIAS
+from eval.dataset_export import DEFAULT_LICENSE, FORMATS, HUB_SHARD_BYTES, POSITIVES, Format, Positives
 from tasks import languages
 from tasks.splits import DEFAULT_FRACTIONS
 from training.config import PhaseSettings, TrainConfig
@@ -232,3 +233,28 @@ class BenchmarkParams(BaseModel):
             text_view=self.text_view,
             batch_size=self.batch_size,
         )
+
+
+class ExportParams(BaseModel):
+    """Parameters of `export-dataset` (rendered as a form in the Prefect UI): a synthesize output as a
+    Hugging Face dataset repository (eval/dataset_export.py, whose constants give the defaults)."""
+
+    model_config = {"extra": "forbid"}
+
+    data: str = Field("out/demo", description="Output root of a `synthesize` run: a path or s3://…")
+    out: str = Field("out/demo-hf", description="Folder to write (a path or s3://…): the dataset repository.")
+    format: Format = Field(
+        FORMATS[0], description="colpali: query / pos_target / neg_target + corpus-id; tevatron: its names."
+    )
+    positives: Positives = Field(
+        POSITIVES[0], description="pos_target: the exact page, or also its translations (parallel)."
+    )
+    min_negatives: int = Field(0, ge=0, description="Leave out train rows with fewer mined negatives.")
+    max_file_mb: float = Field(
+        HUB_SHARD_BYTES / 1000**2, gt=0, description="Largest Parquet file, MB (the hub's recommended shard)."
+    )
+    license: str = Field(DEFAULT_LICENSE, description="The dataset card's licence field (a hub licence id).")
+    name: str | None = Field(None, description="The dataset card's pretty name.")
+    benchmark: bool = Field(True, description="Also export the held-out suite (Nayana-IR layout).")
+    max_queries_per_lang: int | None = Field(None, description="Benchmark query sample per language.")
+    overwrite: bool = Field(False, description="Replace the export already in `out`.")

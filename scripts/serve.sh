@@ -43,7 +43,7 @@ cat <<MSG
 Prefect UI      : http://$HOST:$PORT
 API             : $PREFECT_API_URL   (export PREFECT_API_URL=$PREFECT_API_URL in other shells)
 work pool       : $POOL (worker pid $(cat "$RUN_DIR/worker.pid"), log $RUN_DIR/worker.log)
-deployments     : synthesize/tiny, refresh/nightly (cron, paused), train-netra/tiny
+deployments     : synthesize/tiny, refresh/nightly (cron, paused), train-netra/tiny, benchmark-nayana/tiny, export-dataset/tiny
 try             : prefect deployment run synthesize/tiny && prefect deployment run train-netra/tiny
 stop            : make stop
 MSG

@@ -1,7 +1,7 @@
 """The real thing: `make serve`'s script starts a Prefect server + worker, deploys prefect.yaml, and the
-CLI triggers `synthesize/tiny`, `train-netra/tiny` and `benchmark-nayana/tiny`; a cron schedule on
-`refresh/nightly` creates scheduled runs (the check that sqlalchemy 2.1 silently breaks on Prefect
-3.8.8). Loopback only."""
+CLI triggers `synthesize/tiny`, `train-netra/tiny`, `benchmark-nayana/tiny` and `export-dataset/tiny`;
+a cron schedule on `refresh/nightly` creates scheduled runs (the check that sqlalchemy 2.1 silently
+breaks on Prefect 3.8.8). Loopback only."""
 
 from __future__ import annotations
 
@@ -136,8 +136,17 @@ def test_cli_runs_synthesize_then_train_netra(served, tmp_path: Path):
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert "dense@64" in results["summary"]["heldout-benchmark"]
 
+    params = {"params": {"data": str(out), "out": str(tmp_path / "hf")}}
+    run = _run_deployment(served, "export-dataset/tiny", params)
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    import datasets
+
+    assert len(datasets.load_dataset(str(tmp_path / "hf"), "train", split="train")) > 0
+
     keys = {a["key"] for a in _post(served, "/artifacts/filter", {"limit": 200})}
     assert {
+        "export-dataset-card",
+        "export-dataset-configs",
         "synthesize-summary",
         "synthesize-progress",
         "train-netra-loss-curve",

@@ -242,6 +242,41 @@ def test_files_stay_under_the_size_asked_for_and_reruns_keep_or_replace_the_expo
     assert all(len(p) == 1 for p in before["pos_target"]) and any(len(p) > 1 for p in after["pos_target"])
 
 
+def test_a_storage_fault_fails_the_export_and_a_rerun_makes_the_unfaulted_folder(
+    run, tmp_path, monkeypatch
+) -> None:
+    """A broken world (the store fails on the 4th file) raises and leaves no card; the same command
+    again, after the fault heals, writes exactly the unfaulted export (no --overwrite needed)."""
+    from eval.dataset_export import export_dataset
+    from tasks.storage import Store
+
+    real = Store.write_with
+    calls = {"n": 0}
+
+    def flaky(self, rel, write, suffix=""):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(f"injected storage fault writing {rel}")
+        return real(self, rel, write, suffix)
+
+    out = tmp_path / "faulted"
+    with monkeypatch.context() as m:
+        m.setattr(Store, "write_with", flaky)
+        with pytest.raises(OSError, match="injected storage fault"):
+            export_dataset(run["data"], out)
+    assert list((out / "data").rglob("*.parquet")) and not (out / "README.md").exists()
+    assert not (out / "m3dr_export.json").exists()
+    export_dataset(run["data"], out)
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(run["hf"]): p.read_bytes() for p in run["hf"].rglob("*") if p.is_file()}
+    # a folder with something else in it is never written into without --overwrite
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match=r"not empty: it holds \['notes.txt'\]"):
+        export_dataset(run["data"], other)
+
+
 def test_an_s3_root_exports_to_s3_and_loads_from_there(run, s3_bucket, monkeypatch) -> None:
     import datasets
 
@@ -299,6 +334,31 @@ def test_tevatron_columns_and_the_cli(run, tmp_path) -> None:
         assert pos[0] == exact[0] and {group[p] for p in pos} == {group[exact[0]]}
     bad = CliRunner().invoke(app, ["export-dataset", str(run["data"]), str(out), "--format", "tevatron"])
     assert bad.exit_code == 2 and "not empty" in bad.output
+
+
+def test_the_export_dataset_flow_writes_the_same_folder_and_shows_the_card(run, tmp_path) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.export import export_dataset_flow
+    from flows.params import ExportParams
+
+    out = tmp_path / "flow"
+    result = export_dataset_flow(ExportParams(data=str(run["data"]), out=str(out)))
+    assert not result["reused"] and [c["config_name"] for c in result["configs"]][:3] == [
+        "train",
+        "dev",
+        "corpus",
+    ]
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(run["hf"]): p.read_bytes() for p in run["hf"].rglob("*") if p.is_file()}
+    card = Artifact.get("export-dataset-card")
+    assert (
+        card is not None and "### Pages per language" in card.data and "data:image/png;base64," in card.data
+    )
+    table = Artifact.get("export-dataset-configs")
+    assert table is not None and "crossbench-qrels" in str(table.data)
+    with pytest.raises(Exception, match="not empty"):  # other options into a full folder: the run fails
+        export_dataset_flow(ExportParams(data=str(run["data"]), out=str(out), positives="parallel"))
 
 
 def test_colpali_engine_trains_on_the_export_unmodified(run, netra, tmp_path) -> None:
