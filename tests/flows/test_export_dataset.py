@@ -202,6 +202,13 @@ def test_the_card_parses_and_every_number_comes_from_the_data(run) -> None:
     used = {r["translation_model"] for r in Manifest(run["data"]).live_rows("pages", ["translation_model"])}
     assert used - {""} and all(f"`{m}`" in text for m in used - {""})  # the models, from the pages
     assert (hf / "assets" / "pages_per_language.png").read_bytes()[:4] == b"\x89PNG"
+    # the markdown renders: every table is a table, every plot an image that exists
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert html.count("<table>") == text.count("\n| --- |") >= 6
+    plots = re.findall(r'<img src="([^"]+)"', html)
+    assert len(plots) == 2 and all((hf / p).is_file() for p in plots)
 
 
 def test_files_stay_under_the_size_asked_for_and_reruns_keep_or_replace_the_export(run, tmp_path) -> None:
