@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -166,6 +166,23 @@ def heldout(
     return pages, queries
 
 
+def row_groups(
+    store: Store, rel: str, columns: list[str], keys: tuple[str, ...], wanted: Callable[..., bool]
+) -> Iterator[list[dict[str, Any]]]:
+    """The rows of one shard for which ``wanted(*keys)`` holds, one row group at a time: the small
+    ``keys`` columns first, the other columns (page images) only of row groups that hold a wanted row.
+    Memory is one row group, never the shard or the corpus. Columns the shard lacks are left out."""
+    with store.fs.open(store.path(rel), "rb") as fh, pq.ParquetFile(fh) as pf:
+        names = set(pf.schema_arrow.names)
+        cols = [c for c in columns if c in names]
+        for g in range(pf.num_row_groups):
+            small = pf.read_row_group(g, columns=list(keys)).to_pydict()
+            mask = [wanted(*vals) for vals in zip(*(small[k] for k in keys), strict=True)]
+            if any(mask):
+                rows = pf.read_row_group(g, columns=cols).to_pylist()
+                yield [r for r, keep in zip(rows, mask, strict=True) if keep]
+
+
 def _shard_rows(
     store: Store,
     rel: str,
@@ -173,18 +190,8 @@ def _shard_rows(
     keys: tuple[str, ...],
     wanted: Callable[..., bool],
 ) -> list[dict[str, Any]]:
-    """The rows of one shard for which ``wanted(*keys)`` holds, read one row group at a time: the small
-    ``keys`` columns first, the other columns (page images) only of row groups that hold a wanted row.
-    Memory is one row group plus the rows kept, never the shard or the corpus."""
-    out: list[dict[str, Any]] = []
-    with store.fs.open(store.path(rel), "rb") as fh, pq.ParquetFile(fh) as pf:
-        for g in range(pf.num_row_groups):
-            small = pf.read_row_group(g, columns=list(keys)).to_pydict()
-            mask = [wanted(*vals) for vals in zip(*(small[k] for k in keys), strict=True)]
-            if any(mask):
-                rows = pf.read_row_group(g, columns=columns).to_pylist()
-                out += [r for r, keep in zip(rows, mask, strict=True) if keep]
-    return out
+    """Every row of one shard for which ``wanted(*keys)`` holds (see :func:`row_groups`)."""
+    return [r for rows in row_groups(store, rel, columns, keys, wanted) for r in rows]
 
 
 def _sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import typing
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eval.build import SUITE_FILE, build_suite, recorded_fractions
+from eval.build import SUITE_FILE, build_suite, recorded_fractions, row_groups
 from tasks.languages import ALL_LANGS
 from tasks.run.summary import render_qa_per_lang
 from tasks.schema import (
@@ -196,22 +196,6 @@ class ShardedWriter:
         if self._writer is not None:
             self._publish()
         return self.files
-
-
-def row_groups(
-    store: Store, rel: str, columns: list[str], keys: tuple[str, ...], wanted: Callable[..., bool]
-) -> Iterator[list[dict[str, Any]]]:
-    """The rows of one shard for which ``wanted(*keys)`` holds, one row group at a time: the small
-    ``keys`` columns first, the others (page images) only of groups that hold a wanted row."""
-    with store.fs.open(store.path(rel), "rb") as fh, pq.ParquetFile(fh) as pf:
-        names = set(pf.schema_arrow.names)
-        cols = [c for c in columns if c in names]
-        for g in range(pf.num_row_groups):
-            small = pf.read_row_group(g, columns=list(keys)).to_pydict()
-            mask = [wanted(*vals) for vals in zip(*(small[k] for k in keys), strict=True)]
-            if any(mask):
-                rows = pf.read_row_group(g, columns=cols).to_pylist()
-                yield [r for r, keep in zip(rows, mask, strict=True) if keep]
 
 
 class IdSet:
