@@ -199,13 +199,11 @@ class ShardedWriter:
 
 
 class IdSet:
-    """Sorted fixed-width byte strings: membership of a million page ids in ~32 MB (a Python set of
-    them: ~110 MB)."""
+    """Sorted fixed-width byte strings: membership of a million 32-character page ids in 32 MB (a
+    Python set of them: ~110 MB)."""
 
-    def __init__(self, ids: Sequence[str]) -> None:
-        self._a = (
-            np.unique(np.array([i.encode() for i in ids], dtype=np.bytes_)) if ids else np.array([], "S1")
-        )
+    def __init__(self, ids: np.ndarray) -> None:
+        self._a = np.unique(ids)
 
     def __len__(self) -> int:
         return len(self._a)
@@ -362,7 +360,7 @@ def export_dataset(
         # 1. the corpus: pages of the train and dev documents, streamed a row group at a time
         tag = fp[:12]  # in every file name and YAML pattern: see eval.beir.write_parquet's ``tag``
         corpus = ShardedWriter(out, "data/corpus", CORPUS_SPLIT, corpus_schema, max_file_bytes, workdir, tag)
-        ids: list[str] = []
+        ids: list[np.ndarray] = []  # page ids a row group at a time, as fixed-width bytes
         models: dict[str, set[str]] = defaultdict(set)
         docs: dict[str, set[str]] = defaultdict(set)
 
@@ -372,6 +370,7 @@ def export_dataset(
 
         for entry in sorted(manifest.shards("pages"), key=lambda e: e.name):
             for rows in row_groups(store, entry.path, _PAGE_COLS, ("source_id", "lang"), wanted):
+                ids.append(np.array([r["page_id"].encode() for r in rows], dtype=np.bytes_))
                 for r in rows:
                     split = assign_split(r["source_id"], fractions)
                     row = {
@@ -385,14 +384,13 @@ def export_dataset(
                         "split": split,
                     }
                     corpus.add(_rename(row, names["corpus"]), len((r["image"] or {}).get("bytes") or b""))
-                    ids.append(r["page_id"])
                     _count(stats.pages, split, r["lang"])
                     docs[split].add(r["source_id"])
                     models["layout"].add(r.get("layout_model") or "")
                     models["translation"].add(r.get("translation_model") or "")
         bar.close()
         files.update(corpus.close())
-        in_corpus = IdSet(ids)
+        in_corpus = IdSet(np.concatenate(ids) if ids else np.array([], dtype="S1"))
         del ids
 
         # 2. train / dev rows: documents named by corpus id; every id checked against the corpus
