@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eval.beir import file_budget
 from eval.build import SUITE_FILE, build_suite, recorded_fractions, row_groups
 from tasks.languages import ALL_LANGS
 from tasks.run.summary import render_qa_per_lang
@@ -162,12 +163,18 @@ class ShardedWriter:
         self._buffer, self._buffer_bytes = [], 0
 
     def _write(self, table: pa.Table) -> None:
-        if table.num_rows > 1 and table.nbytes > self.max_bytes:
+        budget = file_budget(self.max_bytes)
+        if table.num_rows > 1 and table.nbytes > budget:
             half = table.num_rows // 2
             self._write(table.slice(0, half))
             self._write(table.slice(half))
             return
-        if self._writer is not None and self._file_bytes + table.nbytes > self.max_bytes:
+        if table.nbytes > budget:  # one row (a page image) larger than a file may be
+            raise ExportError(
+                f"{self.prefix}: a row of {table.nbytes} bytes cannot fit a file of at most {self.max_bytes} "
+                "bytes: raise max_file_bytes / --max-file-mb"
+            )
+        if self._writer is not None and self._file_bytes + table.nbytes > budget:
             self._publish()
         if self._writer is None:
             self._part = self.workdir / f"{self.prefix.replace('/', '_')}-{len(self.files)}.parquet"
