@@ -123,6 +123,7 @@ bench: models vllm tesseract
 	$(BIN)/python benchmarks/png_level.py
 	$(BIN)/python benchmarks/layout_batch.py
 	$(BIN)/python benchmarks/vlm_images.py
+	$(BIN)/python benchmarks/export_scale.py
 
 clean:
 	rm -rf out .prefect .serve .pytest_cache .ruff_cache

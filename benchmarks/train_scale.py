@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,10 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rss_mb() -> float:
-    """Resident set size of this process now (MB)."""
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident set size of this process now (MB); ``VmHWM``: its peak. (Not ``ru_maxrss``: Linux
+    carries the forking parent's RSS into a child's ``ru_maxrss`` across exec, which hid the child's own
+    peak under the parent's, the one that had just built the roots.)"""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -96,7 +97,7 @@ def child(args: argparse.Namespace) -> None:
                 store.group(pid)
                 n_docs += len(store.get(pid).image_png or b"") > 0
     per_batch = (time.perf_counter() - t0) / max(1, min(args.batches, len(plan)))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM")
     out = {"mode": args.mode, "pages": len(store)}
     out |= {"peak_rss_mb": peak, "base_rss_mb": base, "build_s": build_s, "s_per_batch": per_batch}
     out |= {"docs_read": n_docs}
