@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from eval.beir import file_budget
 from eval.build import SUITE_FILE, build_suite, recorded_fractions, row_groups
 from tasks.languages import ALL_LANGS
-from tasks.run.summary import render_qa_per_lang
+from tasks.run.summary import count_rejects, render_qa_per_lang
 from tasks.schema import (
     EXPORT_CORPUS_SCHEMA,
     EXPORT_TRAIN_SCHEMA,
@@ -371,9 +371,17 @@ def export_dataset(
         models: dict[str, set[str]] = defaultdict(set)
         docs: dict[str, set[str]] = defaultdict(set)
 
+        heldout: Counter[str] = Counter()  # held-out pages per language (the suite's), from the keys alone
+
         def wanted(source_id: str, lang: str) -> bool:
             bar.update(1)
-            return source_id not in gone and assign_split(source_id, fractions) in TRAIN_SPLITS
+            if source_id in gone:
+                return False
+            split = assign_split(source_id, fractions)
+            if split == "benchmark":
+                heldout[lang] += 1
+                docs["benchmark"].add(source_id)
+            return split in TRAIN_SPLITS
 
         for entry in sorted(manifest.shards("pages"), key=lambda e: e.name):
             for rows in row_groups(store, entry.path, _PAGE_COLS, ("source_id", "lang"), wanted):
@@ -470,10 +478,10 @@ def export_dataset(
                 if s.get("language"):
                     suite_langs.add(s["language"])
             if stats.benchmark:
-                pages, _ = _heldout_counts(manifest, fractions)
-                for lang, n in pages.items():
+                for lang, n in heldout.items():
                     _count(stats.pages, "benchmark", lang, n)
-                docs["benchmark"] = set(_heldout_docs(manifest, fractions))
+        if not stats.benchmark:
+            docs.pop("benchmark", None)
 
     # 4. counts that need no page bytes
     for r in manifest.live_rows("queries", ["query_lang", "kind", "cross_lingual", "split"]):
@@ -481,17 +489,7 @@ def export_dataset(
             stats.cross_lingual_queries[r["split"]] = stats.cross_lingual_queries.get(r["split"], 0) + 1
         else:
             _count(stats.queries, r["split"], f"{r['query_lang']}/{r['kind']}")
-    rejects = read_rejects(manifest.store)
-    stats.rejects = dict(
-        sorted(
-            Counter(
-                f"{s}/{reason}"
-                for s, reason in zip(
-                    rejects.column("stage").to_pylist(), rejects.column("reason").to_pylist(), strict=True
-                )
-            ).items()
-        )
-    )
+    stats.rejects = count_rejects(read_rejects(manifest.store), "stage", "reason")
     stats.render_qa = render_qa_per_lang(manifest.shards("pages"))
     stats.models = {k: sorted(v - {""}) for k, v in sorted(models.items()) if v - {""}}
     stats.profiles = sorted(
@@ -531,30 +529,6 @@ def _progress(on: bool, total: int, what: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=what, unit="row", disable=not on, leave=False)
-
-
-def _heldout_docs(manifest: Manifest, fractions: dict[str, float]) -> list[str]:
-    gone = set(manifest.superseded())
-    return sorted(
-        {
-            s
-            for e in manifest.shards("pages", "en")
-            for s in manifest.store.read_table(e.path, columns=["source_id"]).column(0).to_pylist()
-            if s not in gone and assign_split(s, fractions) == "benchmark"
-        }
-    )
-
-
-def _heldout_counts(manifest: Manifest, fractions: dict[str, float]) -> tuple[dict[str, int], int]:
-    """Held-out pages per language (the benchmark split), from the id columns only."""
-    gone = set(manifest.superseded())
-    per: Counter[str] = Counter()
-    for e in manifest.shards("pages"):
-        t = manifest.store.read_table(e.path, columns=["source_id", "lang"]).to_pydict()
-        for s, lang in zip(t["source_id"], t["lang"], strict=True):
-            if s not in gone and assign_split(s, fractions) == "benchmark":
-                per[lang] += 1
-    return dict(per), sum(per.values())
 
 
 def _export_suite(

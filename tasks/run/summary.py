@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
@@ -63,17 +64,8 @@ def summarize_run(
     summary.pages_per_lang = dict(sorted(per_lang.items()))
     summary.render_qa = render_qa_per_lang(pages)
     rejects = read_rejects(store)
-    summary.rejects_by_reason = dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))
-    summary.rejects_by_stage_lang = dict(
-        sorted(
-            Counter(
-                f"{s}/{lang or '-'}"
-                for s, lang in zip(
-                    rejects.column("stage").to_pylist(), rejects.column("lang").to_pylist(), strict=True
-                )
-            ).items()
-        )
-    )
+    summary.rejects_by_reason = count_rejects(rejects, "reason")
+    summary.rejects_by_stage_lang = count_rejects(rejects, "stage", "lang")
     # Gallery: the same source page in every language, so a reader can compare renderings side by side.
     by_lang = {e.lang: e.path for e in sorted(pages, key=lambda e: e.name) if e.rows}
     if "en" in by_lang:
@@ -104,6 +96,12 @@ def summarize_run(
                     summary.gallery[lang] = store.url_of(rel)
                     summary.thumbnails[lang] = thumb
     return summary
+
+
+def count_rejects(rejects: pa.Table, *columns: str) -> dict[str, int]:
+    """Rejects rows per value of ``columns`` (joined by "/", an empty value as "-"), sorted."""
+    values = zip(*(rejects.column(c).to_pylist() for c in columns), strict=True)
+    return dict(sorted(Counter("/".join(v or "-" for v in row) for row in values).items()))
 
 
 def render_qa_per_lang(entries: list[Any]) -> dict[str, dict[str, float]]:
