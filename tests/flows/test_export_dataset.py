@@ -288,6 +288,7 @@ def test_an_s3_root_exports_to_s3_and_loads_from_there(run, s3_bucket, monkeypat
     import datasets
 
     from eval.dataset_export import data_files, export_dataset
+    from tasks.storage import open_store
     from tests.support.synthetic_pages import upload_root
 
     root = upload_root(run["data"], f"{s3_bucket}/synth/run")
@@ -300,7 +301,11 @@ def test_an_s3_root_exports_to_s3_and_loads_from_there(run, s3_bucket, monkeypat
         "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
         "client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]},
     }
-    for cfg, split in (("train", "train"), ("dev", "dev"), ("corpus", "train"), ("crossbench-qrels", "test")):
+    configs = [
+        (c["config_name"], c["split"]) for c in open_store(dest).read_json("m3dr_export.json")["configs"]
+    ]
+    assert len(configs) == 3 + 3 * len(_suite_sets(run["hf"]))
+    for cfg, split in configs:  # train, dev, corpus and every suite table
         files = data_files(dest, cfg)
         assert list(files) == [split] and files[split].startswith(f"{s3_bucket}/")
         remote = datasets.load_dataset("parquet", data_files=files, storage_options=opts, split=split)
@@ -311,8 +316,6 @@ def test_an_s3_root_exports_to_s3_and_loads_from_there(run, s3_bucket, monkeypat
             .equals(local.to_pandas().drop(columns=["image", "query_image"], errors="ignore"))
         )
     # the card went up last, with the same text as the local export's
-    from tasks.storage import open_store
-
     assert open_store(dest).read_bytes("README.md") == (run["hf"] / "README.md").read_bytes()
 
 
