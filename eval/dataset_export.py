@@ -866,6 +866,21 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def card_body(dest: str | Path | Store) -> str:
+    """An export's card without its YAML header, plots inlined as data URLs: what a Prefect markdown
+    artifact can show (the UI has no folder to resolve ``assets/*.png`` against)."""
+    import base64
+    import re
+
+    store = open_store(dest)
+    card = (store.read_bytes(CARD_FILE) or b"").decode()
+    body = card.split("\n---\n", 1)[1] if card.startswith("---\n") else card
+    for rel in re.findall(r"\]\((assets/[\w.-]+\.png)\)", body):
+        png = base64.b64encode(store.read_bytes(rel) or b"").decode()
+        body = body.replace(f"]({rel})", f"](data:image/png;base64,{png})")
+    return body
+
+
 # ----------------------------------------------------------------------------------------------------
 # reading it back (object stores: `datasets.load_dataset` opens a repository folder only on local disk)
 

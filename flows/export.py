@@ -8,15 +8,13 @@ same export without Prefect (a progress bar instead of task states).
 
 from __future__ import annotations
 
-import base64
-import re
 import sys
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from eval.dataset_export import ExportResult, export_dataset
+from eval.dataset_export import ExportResult, card_body, export_dataset
 from flows.params import ExportParams
 
 
@@ -54,16 +52,9 @@ def export_task(params: ExportParams) -> dict[str, Any]:
 @flow(name="export-dataset", log_prints=True)
 def export_dataset_flow(params: ExportParams | None = None) -> dict[str, Any]:
     """Write the dataset repository, then show its card and configs as artifacts."""
-    from tasks.storage import open_store
-
     params = params or ExportParams()
     result = export_task(params)
-    store = open_store(result["dest"])
-    card = (store.read_bytes("README.md") or b"").decode()
-    body = card.split("\n---\n", 1)[1] if card.startswith("---\n") else card  # the YAML stays in the file
-    for rel in re.findall(r"\]\((assets/[\w.-]+\.png)\)", body):  # the UI shows no relative images
-        png = store.read_bytes(rel) or b""
-        body = body.replace(f"]({rel})", f"](data:image/png;base64,{base64.b64encode(png).decode()})")
+    body = card_body(result["dest"])
     create_markdown_artifact(body, key="export-dataset-card", description=f"dataset card of {result['dest']}")
     create_table_artifact(
         [{k: c[k] for k in ("config_name", "split", "rows", "path")} for c in result["configs"]],
